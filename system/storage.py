@@ -1,0 +1,334 @@
+"""One URI interface over S3 (boto3) and the local file system.
+
+Every job takes its inputs and outputs as URIs so the same code runs against a laptop directory, the
+embedded SeaweedFS server and a cloud bucket. ``s3://bucket/key`` goes through boto3; anything else
+(a path, or ``file://path``) is the local file system.
+
+Public API::
+
+    get_bytes(uri) -> bytes
+    put_bytes(uri, data) -> None                  # atomic
+    exists(uri) -> bool
+    list_uris(prefix_uri) -> list[str]            # every object below a prefix, sorted
+    open_read(uri) -> binary file-like            # streaming, use as a context manager
+    upload_file(local_path, uri) -> None          # multipart above 8 MiB, atomic
+    download_file(uri, local_path) -> None        # atomic on the local side
+    join(uri, *parts) -> str
+    check_readable(uri) / check_writable(uri)     # fail fast with StorageError naming the URI
+    aws_env() -> dict[str, str]                   # the AWS variables a remote worker needs
+
+Endpoint and credentials come only from boto3's standard chain (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE`` ...): nothing here logs, stores or
+formats them into messages. Transient errors are retried by botocore (standard mode unless
+``AWS_RETRY_MODE`` says otherwise).
+
+Atomic writes: a local write goes to a temporary file in the target folder and is renamed over the
+final name. An S3 PUT (single or multipart) is already atomic - the object becomes visible complete
+or not at all - so a temporary key plus copy would only double the traffic and leave debris behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlparse
+
+import boto3
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+_AWS_VARIABLES = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CA_BUNDLE",
+    "AWS_RETRY_MODE",
+    "AWS_MAX_ATTEMPTS",
+)
+_TRANSFER = TransferConfig(multipart_threshold=8 * 2**20, multipart_chunksize=8 * 2**20)
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+
+class StorageError(RuntimeError):
+    """A storage location cannot be used; the message names the URI and the reason."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        raise StorageError(f"{uri}: an S3 URI needs a bucket (s3://bucket/key)")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def _local(uri: str) -> Path:
+    uri = str(uri)
+    return Path(urlparse(uri).path if uri.startswith("file://") else uri)
+
+
+def aws_env() -> dict[str, str]:
+    """The AWS settings of this process, to hand to Ray workers (their env comes from the raylet)."""
+    return {k: os.environ[k] for k in _AWS_VARIABLES if k in os.environ}
+
+
+def _client(fast_fail: bool = False):
+    """A boto3 client per process and AWS setting; fork-safe because the pid is part of the key."""
+    key = (os.getpid(), fast_fail, tuple(sorted(aws_env().items())))
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            retries = {"mode": "standard", "max_attempts": 2} if fast_fail else {
+                "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+                "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8")),
+            }
+            config = Config(
+                retries=retries,
+                connect_timeout=5 if fast_fail else 20,
+                read_timeout=10 if fast_fail else 120,
+                max_pool_connections=32,
+                s3={"addressing_style": "path"},
+            )
+            client = boto3.session.Session().client("s3", config=config)
+            _clients[key] = client
+        return client
+
+
+def _explain(uri: str, exc: Exception) -> StorageError:
+    """Turn a botocore failure into a message a person can act on, without any secret in it."""
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return StorageError(f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
+    if isinstance(exc, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
+        return StorageError(f"{uri}: cannot reach the S3 endpoint ({type(exc).__name__}); check AWS_ENDPOINT_URL")
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("NoSuchBucket",) or (code in ("404", "NotFound") and status == 404):
+            return StorageError(f"{uri}: bucket or object does not exist ({code})")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
+            return StorageError(f"{uri}: credentials refused by the S3 endpoint ({code})")
+        return StorageError(f"{uri}: S3 error {code or status}")
+    return StorageError(f"{uri}: {type(exc).__name__}: {exc}")
+
+
+def _is_not_found(exc: Exception) -> bool:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        return code in ("404", "NoSuchKey", "NotFound")
+    return False
+
+
+def join(uri: str, *parts: str) -> str:
+    out = str(uri)
+    for part in parts:
+        part = str(part).strip("/")
+        if part:
+            out = out.rstrip("/") + "/" + part if out else part
+    return out
+
+
+def get_bytes(uri: str) -> bytes:
+    """Whole object; a missing object is FileNotFoundError so callers can treat both back ends alike."""
+    if not is_s3(uri):
+        return _local(uri).read_bytes()
+    bucket, key = _split_s3(uri)
+    try:
+        return _client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except botocore.exceptions.ClientError as exc:
+        if _is_not_found(exc):
+            raise FileNotFoundError(uri) from None
+        raise _explain(uri, exc) from exc
+
+
+def _local_temp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def put_bytes(uri: str, data: bytes) -> None:
+    if not is_s3(uri):
+        path = _local(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _local_temp(path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    bucket, key = _split_s3(uri)
+    try:
+        _client().put_object(Bucket=bucket, Key=key, Body=data)
+    except botocore.exceptions.ClientError as exc:
+        raise _explain(uri, exc) from exc
+
+
+def exists(uri: str) -> bool:
+    if not is_s3(uri):
+        return _local(uri).exists()
+    bucket, key = _split_s3(uri)
+    try:
+        _client().head_object(Bucket=bucket, Key=key)
+        return True
+    except botocore.exceptions.ClientError as exc:
+        if _is_not_found(exc):
+            return False
+        raise _explain(uri, exc) from exc
+
+
+def list_uris(prefix_uri: str) -> list[str]:
+    """Every object below a folder-like prefix (``a/b`` lists ``a/b/...``, not ``a/bc``), sorted."""
+    if not is_s3(prefix_uri):
+        root = _local(prefix_uri)
+        if not root.is_dir():
+            return []
+        base = str(prefix_uri).rstrip("/")
+        return sorted(join(base, p.relative_to(root).as_posix()) for p in root.rglob("*") if p.is_file())
+    bucket, prefix = _split_s3(prefix_uri)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    out = []
+    try:
+        for page in _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+    except botocore.exceptions.ClientError as exc:
+        raise _explain(prefix_uri, exc) from exc
+    return sorted(out)
+
+
+class _S3Reader:
+    """Streaming body as a context-managed binary file; only ``read`` is needed by tar and PIL."""
+
+    def __init__(self, body):
+        self._body = body
+
+    def read(self, size: int = -1) -> bytes:
+        return self._body.read(None if size is None or size < 0 else size)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._body.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_read(uri: str) -> BinaryIO:
+    if not is_s3(uri):
+        return open(_local(uri), "rb")
+    bucket, key = _split_s3(uri)
+    try:
+        return _S3Reader(_client().get_object(Bucket=bucket, Key=key)["Body"])
+    except botocore.exceptions.ClientError as exc:
+        if _is_not_found(exc):
+            raise FileNotFoundError(uri) from None
+        raise _explain(uri, exc) from exc
+
+
+def upload_file(local_path: str | Path, uri: str) -> None:
+    if not is_s3(uri):
+        path = _local(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _local_temp(path)
+        try:
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    bucket, key = _split_s3(uri)
+    try:
+        _client().upload_file(str(local_path), bucket, key, Config=_TRANSFER)
+    except (botocore.exceptions.ClientError, boto3.exceptions.S3UploadFailedError) as exc:
+        raise _explain(uri, exc) from exc
+
+
+def download_file(uri: str, local_path: str | Path) -> None:
+    local_path = Path(local_path)
+    local_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _local_temp(local_path)
+    try:
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            try:
+                _client().download_file(bucket, key, str(tmp), Config=_TRANSFER)
+            except botocore.exceptions.ClientError as exc:
+                if _is_not_found(exc):
+                    raise FileNotFoundError(uri) from None
+                raise _explain(uri, exc) from exc
+        else:
+            shutil.copyfile(_local(uri), tmp)
+        os.replace(tmp, local_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_bucket(uri: str) -> tuple[str, str]:
+    bucket, key = _split_s3(uri)
+    try:
+        _client(fast_fail=True).head_bucket(Bucket=bucket)
+    except botocore.exceptions.ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 404:
+            raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from None
+        raise _explain(uri, exc) from None
+    except botocore.exceptions.BotoCoreError as exc:
+        raise _explain(uri, exc) from None
+    return bucket, key
+
+
+def check_readable(uri: str) -> None:
+    """Fail before any work starts if ``uri`` (an object or a prefix) cannot be read."""
+    if not is_s3(uri):
+        path = _local(uri)
+        if not path.exists():
+            raise StorageError(f"{uri}: does not exist")
+        if not os.access(path, os.R_OK):
+            raise StorageError(f"{uri}: not readable")
+        return
+    bucket, key = _check_bucket(uri)
+    try:
+        _client(fast_fail=True).list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+        raise _explain(uri, exc) from None
+
+
+def check_writable(uri: str) -> None:
+    """Fail before any work starts if nothing can be written below ``uri``; leaves nothing behind."""
+    if not is_s3(uri):
+        path = _local(uri)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            raise StorageError(f"{uri}: not writable ({exc.strerror or exc})") from None
+        return
+    bucket, key = _check_bucket(uri)
+    probe = join(key, f".write-probe-{uuid.uuid4().hex}")
+    client = _client(fast_fail=True)
+    try:
+        client.put_object(Bucket=bucket, Key=probe, Body=b"")
+        client.delete_object(Bucket=bucket, Key=probe)
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+        raise _explain(uri, exc) from None
