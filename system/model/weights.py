@@ -1,0 +1,264 @@
+"""Loading, exporting and ImageNet-initialising ClusterCAM weights.
+
+A checkpoint is data, never code: ``.pth`` files load with ``torch.load(weights_only=True)``, exported
+models are safetensors. The model config is read off the tensors so the authors' released
+checkpoints load without a config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from timm.layers import resample_abs_pos_embed
+
+from system.model.config import ClusterCAMConfig
+from system.model.network import ClusterCAM
+
+MODEL_FILE = "model.safetensors"
+MODEL_JSON = "model.json"
+EXPORT_FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit; the message names the source."""
+
+
+def _is_remote(src: str) -> bool:
+    return src.startswith("s3://")
+
+
+def _read_bytes(src: str) -> bytes:
+    if _is_remote(src):
+        from system import storage
+
+        return storage.get_bytes(src)
+    path = Path(src.removeprefix("file://"))
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {src!r} does not exist")
+    return path.read_bytes()
+
+
+def _join(src: str, name: str) -> str:
+    return src.rstrip("/") + "/" + name
+
+
+def _is_model_dir(src: str) -> bool:
+    if _is_remote(src):
+        from system import storage
+
+        return storage.exists(_join(src, MODEL_JSON))
+    return Path(src.removeprefix("file://"), MODEL_JSON).is_file()
+
+
+def _decode_tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    if name.endswith(".safetensors"):
+        try:
+            return safetensors_load(data)
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"checkpoint {name!r} is not a valid safetensors file: {exc}") from exc
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {name!r} cannot be read as tensors only: {exc}") from exc
+    return unwrap_state_dict(obj, name)
+
+
+def unwrap_state_dict(obj: Any, name: str = "state dict") -> dict[str, torch.Tensor]:
+    """Accept ``{"model": sd}`` / ``{"state_dict": sd}`` wrappers and ``module.`` prefixes."""
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{name} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def read_state_dict(src: str | Mapping) -> dict[str, torch.Tensor]:
+    """Tensors from a state dict, a file path, an ``s3://`` URI or an exported model directory."""
+    if isinstance(src, Mapping):
+        return unwrap_state_dict(src)
+    src = str(src)
+    if _is_model_dir(src):
+        src = _join(src, MODEL_FILE)
+    return _decode_tensors(_read_bytes(src), src)
+
+
+def _block_indices(sd: Mapping[str, torch.Tensor]) -> list[int]:
+    return sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+
+
+def infer_config(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> dict[str, Any]:
+    """Model shape read off the tensors: classes, width, depth, heads, patch, pos grid, ..."""
+    required = ("cls_token", "pos_embed", "patch_embed.proj.weight", "head.weight")
+    missing = [k for k in required if k not in sd]
+    if missing:
+        raise CheckpointError(f"{name} is not a ClusterCAM checkpoint: missing {', '.join(missing)}")
+    _, K, C = sd["cls_token"].shape
+    blocks = _block_indices(sd)
+    depth = len(blocks)
+    if blocks != list(range(depth)):
+        raise CheckpointError(f"{name}: block indices {blocks} are not contiguous from 0")
+    grid_cells = sd["pos_embed"].shape[1] - K
+    G = math.isqrt(grid_cells)
+    if G * G != grid_cells:
+        raise CheckpointError(f"{name}: pos_embed holds {grid_cells} patch rows, not a square grid")
+    patch = sd["patch_embed.proj.weight"].shape[-1]
+    attn_width = sd["head.weight"].shape[1] - C
+    if attn_width <= 0 or attn_width % (depth * K):
+        raise CheckpointError(
+            f"{name}: head input width {sd['head.weight'].shape[1]} is not {C} + depth*heads*{K}"
+        )
+    st_blocks = [i for i in blocks if f"blocks.{i}.st_attn.qkv.weight" in sd]
+    first = "blocks.0.st_attn.qkv.bias" if 0 in st_blocks else "blocks.0.attn.qkv.bias"
+    cfg = {
+        "num_classes": K,
+        "embed_dim": C,
+        "depth": depth,
+        "num_heads": attn_width // (depth * K),
+        "mlp_ratio": sd["blocks.0.mlp.fc1.weight"].shape[0] / C,
+        "patch_size": patch,
+        "img_size": G * patch,
+        "st_depth": None if len(st_blocks) == depth else len(st_blocks),
+        "qkv_bias": first in sd,
+    }
+    if "decoder.conv6.weight" in sd:
+        cfg["decoder_channels"] = sd["decoder.conv6.weight"].shape[0]
+    return cfg
+
+
+def load_clustercam(src: str | Path | Mapping, **overrides) -> ClusterCAM:
+    """A ClusterCAM in eval mode from a path, ``s3://`` URI, exported model dir or state dict.
+
+    The config is inferred from the tensors (or read from an exported ``model.json``);
+    ``overrides`` set ClusterCAMConfig fields the tensors cannot tell (``grid``, ``n_iter``,
+    ``drop_path_rate``, ``decoder_dilation``). Loading is strict: every key must match.
+    """
+    meta: dict[str, Any] = {}
+    if not isinstance(src, Mapping) and _is_model_dir(str(src)):
+        meta = json.loads(_read_bytes(_join(str(src), MODEL_JSON)))
+    sd = read_state_dict(src)
+    name = "state dict" if isinstance(src, Mapping) else repr(str(src))
+    fields = {**infer_config(sd, name), **meta.get("config", {}), **overrides}
+    if "grid" in fields:
+        fields["grid"] = tuple(fields["grid"])
+    try:
+        cfg = ClusterCAMConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{name}: {exc}") from exc
+    model = ClusterCAM(cfg)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{name} does not match the ClusterCAM layout: {exc}") from exc
+    model.class_names = meta.get("class_names")
+    model.source_id = meta.get("run_id")
+    return model.eval()
+
+
+def export_model(
+    model: ClusterCAM,
+    dest: str,
+    class_names: list[str] | None = None,
+    run_id: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Write DESIGN.md's model directory: ``model.safetensors`` then ``model.json`` (last).
+
+    ``state_dict`` replaces ``model.state_dict()`` when the weights live elsewhere (e.g. a ZeRO-3
+    consolidation); keys are the authors' names either way.
+    """
+    from system import storage
+
+    sd = state_dict if state_dict is not None else model.state_dict()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    if class_names is not None and len(class_names) != model.cfg.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a {model.cfg.num_classes}-class model")
+    meta = {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "config": dataclasses.asdict(model.cfg),
+        "class_names": list(class_names) if class_names is not None else None,
+        "run_id": run_id,
+        **(extra or {}),
+    }
+    storage.put_bytes(_join(dest, MODEL_FILE), safetensors_save(tensors))
+    storage.put_bytes(_join(dest, MODEL_JSON), json.dumps(meta, indent=1).encode())
+
+
+def deit_to_clustercam(deit: Mapping[str, torch.Tensor], cfg: ClusterCAMConfig) -> dict[str, torch.Tensor]:
+    """Map an ImageNet DeiT/ViT state dict onto ClusterCAM keys (spec b.2).
+
+    The single class token (and its position row) is repeated K times; each clustering block's
+    four LayerNorms take DeiT's ``norm1``, both qkv projections DeiT's ``attn.qkv`` and both output
+    projections ``attn.proj``; ``proj_st``, ``mix_param``, head and decoder are left out (they keep
+    their fresh initialisation).
+    """
+    K, C, G = cfg.num_classes, cfg.embed_dim, cfg.pos_grid
+    if "cls_token" not in deit or "pos_embed" not in deit:
+        raise CheckpointError("DeiT checkpoint lacks cls_token / pos_embed")
+    if deit["cls_token"].shape[-1] != C:
+        raise CheckpointError(f"DeiT width {deit['cls_token'].shape[-1]} differs from the model's {C}")
+    out: dict[str, torch.Tensor] = {"cls_token": deit["cls_token"][:, :1].repeat(1, K, 1)}
+    rows = deit["pos_embed"].shape[1]
+    src_grid = math.isqrt(rows - 1)
+    prefix = rows - src_grid * src_grid  # 1 (DeiT) or 2 (distilled DeiT: cls + dist token)
+    patch_pos = deit["pos_embed"][:, prefix:]
+    if src_grid != G:
+        patch_pos = resample_abs_pos_embed(patch_pos, (G, G), (src_grid, src_grid), num_prefix_tokens=0)
+    out["pos_embed"] = torch.cat([deit["pos_embed"][:, :1].repeat(1, K, 1), patch_pos], dim=1)
+    for key in ("patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"):
+        if key in deit:
+            out[key] = deit[key]
+    first_st = cfg.depth - cfg.num_st_blocks
+    for i in range(cfg.depth):
+        src = f"blocks.{i}."
+        for part in ("norm2", "mlp.fc1", "mlp.fc2"):
+            for t in ("weight", "bias"):
+                if src + f"{part}.{t}" in deit:
+                    out[src + f"{part}.{t}"] = deit[src + f"{part}.{t}"]
+        if i < first_st:
+            for part in ("norm1", "attn.qkv", "attn.proj"):
+                for t in ("weight", "bias"):
+                    if src + f"{part}.{t}" in deit:
+                        out[src + f"{part}.{t}"] = deit[src + f"{part}.{t}"]
+            continue
+        dst = src + "st_attn."
+        copies = {
+            "norm1": ("ln_pat", "ln_pat2", "ln_cls", "ln_st"),
+            "attn.qkv": ("qkv", "qkv_stsa"),
+            "attn.proj": ("proj", "proj_cls"),
+        }
+        for part, targets in copies.items():
+            for t in ("weight", "bias"):
+                if src + f"{part}.{t}" in deit:
+                    for target in targets:
+                        out[dst + f"{target}.{t}"] = deit[src + f"{part}.{t}"].clone()
+    return out
+
+
+def init_from_deit(model: ClusterCAM, src: str | Path | Mapping) -> list[str]:
+    """Load ImageNet DeiT weights into a freshly initialised model (non-strict, spec b.2).
+
+    Returns the model keys left at their fresh initialisation. A tensor whose shape differs from the
+    model's is an error naming it (a wrong backbone size must not load silently).
+    """
+    deit = read_state_dict(src) if not isinstance(src, Mapping) else unwrap_state_dict(src)
+    mapped = deit_to_clustercam(deit, model.cfg)
+    own = model.state_dict()
+    for key, value in mapped.items():
+        if own[key].shape != value.shape:
+            raise CheckpointError(f"DeiT tensor for {key} has shape {tuple(value.shape)}, model has {tuple(own[key].shape)}")
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    if unexpected:
+        raise CheckpointError(f"unexpected keys after DeiT mapping: {unexpected}")
+    return list(missing)
