@@ -1,0 +1,152 @@
+"""Prometheus metrics and progress lines shared by every job.
+
+Metric names follow DESIGN.md: ``clustercam_<what>_<unit>``. Each process (a training worker, a
+labelling actor, the ingest driver) exposes its own registry on its own port, on loopback unless
+told otherwise, and labels its series with its role (``rank``/``actor``) so a scrape of all workers
+adds up.
+
+Public API::
+
+    start_metrics_server(port, addr="127.0.0.1") -> int   # the bound port (0 picks a free one)
+    train_metrics() -> TrainMetrics                         # per-process singletons
+    label_metrics() -> LabelMetrics
+    ingest_metrics() -> IngestMetrics
+    Progress(total, what, log=..., every_s=10).update(n)    # "what: 120/1000 (12.0%) 35.2/s ETA 25s"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from functools import lru_cache
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+_STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def start_metrics_server(port: int, addr: str = "127.0.0.1") -> int:
+    """Serve this process's metrics at ``http://addr:port/metrics``; returns the port bound."""
+    server, _thread = start_http_server(port, addr=addr, registry=REGISTRY)
+    return server.server_port
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainMetrics:
+    samples: Counter
+    steps: Counter
+    step_seconds: Histogram
+    data_wait_seconds: Histogram
+    samples_per_second: Gauge
+    loss: Gauge
+    learning_rate: Gauge
+    memory_bytes: Gauge
+    epoch: Gauge
+
+
+@lru_cache(maxsize=1)
+def train_metrics() -> TrainMetrics:
+    r = REGISTRY
+    return TrainMetrics(
+        samples=Counter("clustercam_train_samples", "training samples consumed", ["rank"], registry=r),
+        steps=Counter("clustercam_train_steps", "optimizer steps taken", ["rank"], registry=r),
+        step_seconds=Histogram("clustercam_train_step_seconds", "wall time of one step", ["rank"], buckets=_STEP_BUCKETS, registry=r),
+        data_wait_seconds=Histogram(
+            "clustercam_data_wait_seconds", "time a step waited for its batch", ["rank"], buckets=_STEP_BUCKETS, registry=r
+        ),
+        samples_per_second=Gauge("clustercam_train_samples_per_second", "recent training throughput", ["rank"], registry=r),
+        loss=Gauge("clustercam_train_loss", "last loss by term (total, cls, pat, seg)", ["rank", "term"], registry=r),
+        learning_rate=Gauge("clustercam_train_learning_rate", "current learning rate", ["rank"], registry=r),
+        memory_bytes=Gauge("clustercam_train_memory_bytes", "peak accelerator memory (resident set on CPU)", ["rank"], registry=r),
+        epoch=Gauge("clustercam_train_epoch", "current epoch", ["rank"], registry=r),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelMetrics:
+    images: Counter
+    failures: Counter
+    batch_seconds: Histogram
+    images_per_second: Gauge
+    queue_depth: Gauge
+
+
+@lru_cache(maxsize=1)
+def label_metrics() -> LabelMetrics:
+    r = REGISTRY
+    return LabelMetrics(
+        images=Counter("clustercam_label_images", "images labelled (masks written)", ["actor"], registry=r),
+        failures=Counter("clustercam_label_failures", "images that could not be labelled", ["actor", "reason"], registry=r),
+        batch_seconds=Histogram("clustercam_label_batch_seconds", "model time per batch", ["actor"], buckets=_STEP_BUCKETS, registry=r),
+        images_per_second=Gauge("clustercam_label_images_per_second", "recent labelling throughput", ["actor"], registry=r),
+        queue_depth=Gauge("clustercam_label_queue_depth", "batches waiting for an actor", registry=r),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestMetrics:
+    samples: Counter
+    rejects: Counter
+    shards: Counter
+
+
+@lru_cache(maxsize=1)
+def ingest_metrics() -> IngestMetrics:
+    r = REGISTRY
+    return IngestMetrics(
+        samples=Counter("clustercam_ingest_samples", "samples written to shards", registry=r),
+        rejects=Counter("clustercam_ingest_rejects", "inputs rejected", ["reason"], registry=r),
+        shards=Counter("clustercam_ingest_shards", "shards completed", registry=r),
+    )
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Progress:
+    """Counts units of work and logs rate and ETA at most every ``every_s`` seconds."""
+
+    def __init__(
+        self,
+        total: int | None,
+        what: str,
+        log: Callable[[str], None] = log.info,
+        every_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.total = total
+        self.what = what
+        self.done = 0
+        self._log = log
+        self._every = every_s
+        self._clock = clock
+        self._start = clock()
+        self._last = self._start
+
+    @property
+    def rate(self) -> float:
+        elapsed = self._clock() - self._start
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        rate = self.rate
+        if self.total:
+            eta = format_duration((self.total - self.done) / rate) if rate > 0 else "?"
+            return f"{self.what}: {self.done}/{self.total} ({100 * self.done / self.total:.1f}%) {rate:.2f}/s ETA {eta}"
+        return f"{self.what}: {self.done} {rate:.2f}/s"
+
+    def update(self, n: int = 1, force: bool = False) -> None:
+        self.done += n
+        now = self._clock()
+        if force or now - self._last >= self._every or (self.total is not None and self.done >= self.total):
+            self._last = now
+            self._log(self.line())
