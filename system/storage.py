@@ -11,6 +11,7 @@ Public API::
     exists(uri) -> bool
     list_uris(prefix_uri) -> list[str]            # every object below a prefix, sorted
     open_read(uri) -> binary file-like            # streaming, use as a context manager
+    open_write(uri) -> context manager of a binary file; the object appears only if the block succeeds
     upload_file(local_path, uri) -> None          # multipart above 8 MiB, atomic
     download_file(uri, local_path) -> None        # atomic on the local side
     join(uri, *parts) -> str
@@ -29,13 +30,14 @@ or not at all - so a temporary key plus copy would only double the traffic and l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 from urllib.parse import urlparse
 
 import boto3
@@ -160,16 +162,35 @@ def _local_temp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
+@contextlib.contextmanager
+def _local_atomic(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` that replaces it only when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _local_temp(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def open_write(uri: str) -> Iterator[BinaryIO]:
+    """Write big outputs (shards) without holding them in memory; nothing appears on failure."""
+    if not is_s3(uri):
+        with _local_atomic(_local(uri)) as tmp, open(tmp, "wb") as f:
+            yield f
+        return
+    with tempfile.NamedTemporaryFile(prefix="upload-", suffix=".part") as f:
+        yield f
+        f.flush()
+        upload_file(f.name, uri)
+
+
 def put_bytes(uri: str, data: bytes) -> None:
     if not is_s3(uri):
-        path = _local(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _local_temp(path)
-        try:
+        with _local_atomic(_local(uri)) as tmp:
             tmp.write_bytes(data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return
     bucket, key = _split_s3(uri)
     try:
@@ -247,14 +268,8 @@ def open_read(uri: str) -> BinaryIO:
 
 def upload_file(local_path: str | Path, uri: str) -> None:
     if not is_s3(uri):
-        path = _local(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _local_temp(path)
-        try:
+        with _local_atomic(_local(uri)) as tmp:
             shutil.copyfile(local_path, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return
     bucket, key = _split_s3(uri)
     try:
@@ -264,23 +279,17 @@ def upload_file(local_path: str | Path, uri: str) -> None:
 
 
 def download_file(uri: str, local_path: str | Path) -> None:
-    local_path = Path(local_path)
-    local_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _local_temp(local_path)
-    try:
-        if is_s3(uri):
-            bucket, key = _split_s3(uri)
-            try:
-                _client().download_file(bucket, key, str(tmp), Config=_TRANSFER)
-            except botocore.exceptions.ClientError as exc:
-                if _is_not_found(exc):
-                    raise FileNotFoundError(uri) from None
-                raise _explain(uri, exc) from exc
-        else:
+    with _local_atomic(Path(local_path)) as tmp:
+        if not is_s3(uri):
             shutil.copyfile(_local(uri), tmp)
-        os.replace(tmp, local_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            return
+        bucket, key = _split_s3(uri)
+        try:
+            _client().download_file(bucket, key, str(tmp), Config=_TRANSFER)
+        except botocore.exceptions.ClientError as exc:
+            if _is_not_found(exc):
+                raise FileNotFoundError(uri) from None
+            raise _explain(uri, exc) from exc
 
 
 def _check_bucket(uri: str) -> tuple[str, str]:

@@ -1,0 +1,132 @@
+"""Ingest an image-tag dataset (VOC, COCO, OpenImages, a manifest, or synthetic) into WebDataset shards.
+
+    python -m pipelines.ingest [--config FILE] key=value ...
+    python -m pipelines.ingest source.format=voc source.path=/data/VOC2012 source.split=train \\
+        output=s3://bucket/datasets/voc-train shard_size=1000 num_workers=8
+
+One Ray task per shard (``workers/ingest.py``), at most ``num_workers`` in flight. Joins the Ray
+cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``) or starts a local one; tasks get the
+driver's AWS settings through ``runtime_env``. Re-running skips complete shards, so a killed ingest
+is resumed by running the same command again. ``python -m pipelines.ingest --help`` lists the keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from system import storage
+from system.config import dump_yaml, option, parse_cli, to_dict
+from system.data import ingest
+from system.data.shards import shard_name
+from system.data.sources import SourceConfig, build_source
+
+log = logging.getLogger("pipelines.ingest")
+
+
+@dataclass
+class IngestConfig:
+    """Ingest an image-tag dataset into WebDataset shards."""
+
+    output: str = option(doc="dataset URI: s3://bucket/datasets/<name> or a local folder")
+    source: SourceConfig = option(factory=SourceConfig, doc="input dataset")
+    name: str = option("", doc="dataset name (default: the last part of output)")
+    shard_size: int = option(1000, doc="inputs per shard (a shard holds fewer when some are rejected)")
+    num_workers: int = option(2, doc="shards written in parallel (Ray tasks in flight)")
+    max_pixels: int = option(50_000_000, doc="images with more pixels are rejected")
+    progress_every_s: float = option(10.0, doc="seconds between progress lines")
+
+
+def _start_ray():
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address="auto", log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False)
+    return ray
+
+
+class _Progress:
+    def __init__(self, total_shards: int, every_s: float):
+        self.total, self.every_s = total_shards, every_s
+        self.start = self.last = time.monotonic()
+        self.shards = self.images = 0
+
+    def update(self, record: dict) -> None:
+        self.shards += 1
+        self.images += record["inputs"]
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.shards == self.total:
+            self.last = now
+            rate = self.images / max(now - self.start, 1e-9)
+            eta = (now - self.start) / self.shards * (self.total - self.shards)
+            log.info("ingest: %d/%d shards, %d inputs, %.0f inputs/s, ETA %.0f s",
+                     self.shards, self.total, self.images, rate, eta)
+
+
+def run(cfg: IngestConfig) -> dict:
+    """Run the ingest; returns the content of ``dataset.json``."""
+    output = cfg.output.rstrip("/")
+    if cfg.num_workers < 1:
+        raise ValueError(f"num_workers must be at least 1, got {cfg.num_workers}")
+    storage.check_writable(output)
+    if cfg.source.path:
+        storage.check_readable(cfg.source.path)
+    source = build_source(cfg.source)
+    work = ingest.plan(source, cfg.shard_size)
+    settings = {"source": to_dict(cfg.source), "max_pixels": cfg.max_pixels}
+    prints = [ingest.fingerprint(group, source.class_names, settings) for group in work.groups]
+    storage.put_bytes(storage.join(output, "ingest.yaml"), dump_yaml(cfg).encode())
+
+    def done_before(index: int) -> dict | None:
+        record = ingest.read_part(output, index)
+        if record and record.get("fingerprint") == prints[index] and storage.exists(storage.join(output, shard_name(index))):
+            return record
+        return None
+
+    with ThreadPoolExecutor(16) as pool:
+        parts = list(pool.map(done_before, range(len(work.groups))))
+    todo = [i for i, record in enumerate(parts) if record is None]
+    log.info("ingest: %d inputs, %d shards (%d already complete), %d rejected while listing -> %s",
+             work.inputs, len(work.groups), len(work.groups) - len(todo), len(work.rejects), output)
+    if todo:
+        ray = _start_ray()
+        from workers.ingest import ingest_shard
+
+        task = ingest_shard.options(runtime_env={"env_vars": storage.aws_env()})
+        progress = _Progress(len(todo), cfg.progress_every_s)
+        pending: dict = {}
+        queue = list(reversed(todo))
+        while queue or pending:
+            while queue and len(pending) < cfg.num_workers:
+                i = queue.pop()
+                ref = task.remote(source, i, work.groups[i], output, source.class_names, cfg.max_pixels, prints[i])
+                pending[ref] = i
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                index = pending.pop(ref)
+                parts[index] = ray.get(ref)
+                progress.update(parts[index])
+    info = ingest.finalize(output, cfg.name or output.rsplit("/", 1)[-1], source.class_names, parts,
+                           work.rejects, work.inputs, to_dict(cfg.source))
+    log.info("ingest: %d samples in %d shards, %d rejected (%s) -> %s", info["total_samples"], len(info["shards"]),
+             info["rejected"]["total"], info["rejected"]["by_code"], output)
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = parse_cli(IngestConfig, argv, prog="python -m pipelines.ingest")
+    try:
+        run(cfg)
+    except (storage.StorageError, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"ingest failed: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

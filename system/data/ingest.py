@@ -1,0 +1,172 @@
+"""Source -> shards, as pure functions the Ray pipeline fans out (``workers/ingest.py``).
+
+Planning lists every input once, refuses unusable ids and duplicates, and cuts the rest into
+fixed-size groups in source order: shard *i* always gets the same inputs, whatever ran before. Each
+group's *fingerprint* (format version, source settings, classes, its entries) goes into a small
+record ``_parts/shard-%06d.json`` written right after the shard; a re-run skips a shard whose record
+exists with the same fingerprint, so a killed or repeated ingest redoes only what is missing, and
+changed inputs or settings are never mistaken for done work. Image checks run inside the shard's
+task, so a shard holds at most ``shard_size`` samples (fewer when some are rejected).
+``finalize`` writes ``rejects.jsonl`` and then ``dataset.json`` - the file that makes the dataset
+exist - only if their content changed.
+
+Public API::
+
+    IngestPlan(groups, rejects, inputs); plan(source, shard_size) -> IngestPlan
+    fingerprint(entries, class_names, settings) -> str
+    read_part(output, index) -> dict | None
+    write_shard(source, index, entries, output, class_names, max_pixels, fingerprint) -> dict
+    finalize(output, name, class_names, parts, plan_rejects, inputs, source_settings) -> dict
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from system import storage
+from system.data.shards import (
+    DATASET_FILE, FORMAT_NAME, FORMAT_VERSION, REJECTS_FILE, UnsafeId, check_id, escape_id, shard_name, write_tar,
+)
+from system.data.sources import BadEntry, Entry, Rejected, Source
+from system.data.validate import sample_members
+
+PARTS_DIR = "_parts"
+
+
+@dataclass
+class IngestPlan:
+    groups: list[list[Entry]] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+    inputs: int = 0
+
+
+def _reject(sample_id: str, where: str, code: str, reason: str) -> dict:
+    return {"id": sample_id, "where": where, "code": code, "reason": reason}
+
+
+def plan(source: Source, shard_size: int) -> IngestPlan:
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    out = IngestPlan()
+    accepted: list[Entry] = []
+    keys: dict[str, str] = {}
+    for item in source.entries():
+        out.inputs += 1
+        if isinstance(item, Rejected):
+            out.rejects.append(_reject(item.id, item.where, item.code, item.reason))
+            continue
+        try:
+            check_id(item.id)
+        except UnsafeId as exc:
+            out.rejects.append(_reject(item.id, item.image, "unsafe_id", str(exc)))
+            continue
+        key = escape_id(item.id)
+        if key in keys:
+            out.rejects.append(_reject(item.id, item.image, "duplicate_id", f"duplicate id (first seen at {keys[key]})"))
+            continue
+        keys[key] = item.image
+        accepted.append(item)
+    out.groups = [accepted[i : i + shard_size] for i in range(0, len(accepted), shard_size)]
+    return out
+
+
+def fingerprint(entries: list[Entry], class_names: list[str], settings: dict) -> str:
+    payload = {
+        "format": [FORMAT_NAME, FORMAT_VERSION],
+        "settings": settings,
+        "classes": class_names,
+        "entries": [dataclasses.asdict(e) for e in entries],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def _part_uri(output: str, index: int) -> str:
+    return storage.join(output, PARTS_DIR, shard_name(index).replace(".tar", ".json"))
+
+
+def read_part(output: str, index: int) -> dict | None:
+    try:
+        return json.loads(storage.get_bytes(_part_uri(output, index)))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _load_sample(source: Source, entry: Entry, class_index: dict[str, int], max_pixels: int):
+    try:
+        return sample_members(entry, source.load(entry), class_index, max_pixels)
+    except FileNotFoundError as exc:
+        raise BadEntry("not_found", f"file not found: {exc.args[0] if exc.args else entry.image}") from None
+    except BadEntry:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadEntry("unreadable", f"unreadable input ({type(exc).__name__}: {exc})") from None
+
+
+def write_shard(source: Source, index: int, entries: list[Entry], output: str, class_names: list[str],
+                max_pixels: int, fingerprint: str) -> dict:
+    """Write shard ``index`` and then its record; returns the record (counts, sha256, rejects)."""
+    class_index = {name: i for i, name in enumerate(class_names)}
+    rejects: list[dict] = []
+    counts = {"samples": 0, "masks": 0}
+
+    def samples():
+        for entry in entries:
+            try:
+                members, has_mask = _load_sample(source, entry, class_index, max_pixels)
+            except BadEntry as exc:
+                rejects.append(_reject(entry.id, entry.image, exc.code, str(exc)))
+                continue
+            counts["samples"] += 1
+            counts["masks"] += int(has_mask)
+            yield escape_id(entry.id), members
+
+    name = shard_name(index)
+    with storage.open_write(storage.join(output, name)) as f:
+        size, digest = write_tar(f, samples())
+    record = {
+        "index": index, "name": name, "fingerprint": fingerprint, "inputs": len(entries),
+        "samples": counts["samples"], "masks": counts["masks"], "bytes": size, "sha256": digest,
+        "rejects": rejects,
+    }
+    storage.put_bytes(_part_uri(output, index), json.dumps(record, sort_keys=True, indent=1).encode())
+    return record
+
+
+def _put_if_changed(uri: str, data: bytes) -> None:
+    try:
+        if storage.get_bytes(uri) == data:
+            return
+    except FileNotFoundError:
+        pass
+    storage.put_bytes(uri, data)
+
+
+def finalize(output: str, name: str, class_names: list[str], parts: list[dict], plan_rejects: list[dict],
+             inputs: int, source_settings: dict) -> dict:
+    rejects = list(plan_rejects) + [r for part in parts for r in part["rejects"]]
+    total = sum(p["samples"] for p in parts)
+    if total + len(rejects) != inputs:
+        raise RuntimeError(f"{output}: {total} ingested + {len(rejects)} rejected != {inputs} inputs")
+    lines = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejects)
+    _put_if_changed(storage.join(output, REJECTS_FILE), lines.encode("utf-8"))
+    info = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "name": name,
+        "classes": class_names,
+        "shards": [{"name": p["name"], "samples": p["samples"], "bytes": p["bytes"], "sha256": p["sha256"]} for p in parts],
+        "total_samples": total,
+        "total_bytes": sum(p["bytes"] for p in parts),
+        "samples_with_masks": sum(p["masks"] for p in parts),
+        "inputs": inputs,
+        "rejected": {"total": len(rejects), "by_code": dict(sorted(Counter(r["code"] for r in rejects).items()))},
+        "source": source_settings,
+    }
+    _put_if_changed(storage.join(output, DATASET_FILE), (json.dumps(info, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    return info

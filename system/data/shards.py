@@ -1,0 +1,139 @@
+"""The shard contract: sample keys, deterministic tar files and ``dataset.json``.
+
+A dataset is a folder (or S3 prefix) of ``shard-%06d.tar`` WebDataset files plus ``dataset.json``,
+written last, which lists them; ``rejects.jsonl`` says what was left out and why.
+
+Keys: WebDataset groups tar members by the part of the name before the first ``.``, so a key may
+not contain a dot, a slash, or anything a file system mangles. :func:`escape_id` maps any id to
+``[A-Za-z0-9_-]`` reversibly: ``-`` is the escape character and every other byte outside the
+set becomes ``-xx`` (lower-case hex of its UTF-8 bytes). The mapping is injective, so two keys can only
+collide when two ids are equal.
+
+Tars are byte-for-byte reproducible: members in sample order, mtime 0, uid/gid 0, no user names,
+mode 0444, ustar/pax format fixed.
+
+Public API::
+
+    FORMAT_VERSION, DATASET_FILE, REJECTS_FILE
+    shard_name(index) -> "shard-000042.tar"
+    escape_id(id) -> key;  unescape_key(key) -> id
+    check_id(id) -> None                          # raises UnsafeId for ids no dataset should carry
+    write_tar(fileobj, samples) -> (size, sha256) # samples: iterable of (key, [(ext, bytes)...])
+    read_dataset(uri) -> dict                     # parsed dataset.json, format checked
+    shard_uris(uri, info) -> list[str]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from collections.abc import Iterable
+from typing import BinaryIO
+
+from system import storage
+
+FORMAT_VERSION = 1
+FORMAT_NAME = "clustercam-wds"
+DATASET_FILE = "dataset.json"
+REJECTS_FILE = "rejects.jsonl"
+MAX_KEY_LENGTH = 200
+_SAFE = re.compile(rb"[A-Za-z0-9_]")
+
+
+class UnsafeId(ValueError):
+    """An id that cannot name a sample (empty, path-like traversal, control characters, too long)."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def check_id(sample_id: str) -> None:
+    """Refuse ids that are almost certainly broken input rather than names to escape."""
+    if not isinstance(sample_id, str) or not sample_id.strip():
+        raise UnsafeId("empty id")
+    parts = sample_id.replace("\\", "/").split("/")
+    if sample_id.startswith(("/", "\\")) or any(p in ("..", ".") for p in parts):
+        raise UnsafeId(f"unsafe id {sample_id!r} (absolute or relative path)")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in sample_id):
+        raise UnsafeId(f"unsafe id {sample_id!r} (control characters)")
+    if len(escape_id(sample_id)) > MAX_KEY_LENGTH:
+        raise UnsafeId(f"id too long ({len(sample_id)} characters)")
+
+
+def escape_id(sample_id: str) -> str:
+    out = []
+    for byte in sample_id.encode("utf-8"):
+        char = bytes([byte])
+        out.append(char.decode() if _SAFE.fullmatch(char) else f"-{byte:02x}")
+    return "".join(out)
+
+
+def unescape_key(key: str) -> str:
+    raw = bytearray()
+    i = 0
+    while i < len(key):
+        if key[i] == "-":
+            raw.append(int(key[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            raw.extend(key[i].encode())
+            i += 1
+    return raw.decode("utf-8")
+
+
+def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info, io.BytesIO(data)
+
+
+class _Hashing:
+    """Counts and hashes what tarfile writes, so the shard is never read back."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.size, self.digest = f, 0, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.f.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def write_tar(fileobj: BinaryIO, samples: Iterable[tuple[str, list[tuple[str, bytes]]]]) -> tuple[int, str]:
+    """Write samples as a tar into ``fileobj``; returns its size and sha256 (bytes depend only on input)."""
+    out = _Hashing(fileobj)
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members:
+                tar.addfile(*_member(f"{key}.{ext}", data))
+    return out.size, out.digest.hexdigest()
+
+
+def read_dataset(uri: str) -> dict:
+    """``dataset.json`` of the dataset at ``uri``; a dataset without it does not exist (yet)."""
+    path = storage.join(uri, DATASET_FILE)
+    try:
+        info = json.loads(storage.get_bytes(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no {DATASET_FILE} (not a dataset, or its ingest has not finished)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if info.get("format") != FORMAT_NAME or info.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported dataset format {info.get('format')!r} v{info.get('version')!r}")
+    return info
+
+
+def shard_uris(uri: str, info: dict) -> list[str]:
+    return [storage.join(uri, shard["name"]) for shard in info["shards"]]

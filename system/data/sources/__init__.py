@@ -1,0 +1,109 @@
+"""Image-tag datasets as sources of (id, image bytes, label names, optional GT mask).
+
+A source works in two steps so that planning is cheap and the expensive part runs in parallel:
+``entries()`` lists lightweight :class:`Entry` records (no image is read) in a deterministic order,
+and ``load(entry)`` - run inside the ingest task that owns the entry - reads the image bytes and the
+mask and settles the labels. Entries and sources are small and picklable, so a Ray task receives
+exactly the entries of its shard.
+
+Public API::
+
+    SourceConfig                                   # the ``source.*`` config keys
+    Entry(id, image, labels=None, extra=None)      # labels None: derived from the mask at load
+    Rejected(id, where, code, reason)              # an input refused while listing
+    BadEntry(code, reason)                         # raised by load() for an unusable input
+    Loaded(image, mask, labels)                    # what load() returns
+    build_source(cfg) -> Source                    # .class_names, .entries(), .load(entry)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from system.config import option
+
+
+@dataclass
+class SourceConfig:
+    """Where the input dataset lives and how to read it."""
+
+    format: Literal["voc", "coco", "openimages", "manifest", "synthetic"] = option(
+        "synthetic", doc="input layout: voc | coco | openimages | manifest | synthetic")
+    path: str = option("", doc="dataset root (voc, coco, openimages) or manifest file (.jsonl/.csv); local path or s3:// URI")
+    split: str = option("train", doc="split name: voc ImageSets list, coco instances_<split>.json, openimages <split> labels")
+    classes: list[str] = option(factory=list, doc="class list/order: openimages subset (names or MIDs); manifest class names (default: all seen)")
+    masks: bool = option(True, doc="carry ground-truth masks along when the source has them")
+    ids_file: str = option("", doc="voc: id list file (e.g. the authors' voc12/train_aug_id.txt) instead of ImageSets")
+    labels_file: str = option("", doc="voc: the authors' cls_labels.npy; openimages: image-level labels CSV (default: found under path)")
+    classes_file: str = option("", doc="openimages: class descriptions CSV (default: found under path)")
+    annotations: str = option("", doc="coco: instances JSON (default <path>/annotations/instances_<split>.json)")
+    images: str = option("", doc="image folder (default: coco <path>/<split>, openimages <path>/<split>)")
+    num_images: int = option(200, doc="synthetic: number of images")
+    num_classes: int = option(6, doc="synthetic: number of classes (at most 24)")
+    image_size: int = option(96, doc="synthetic: image side in pixels")
+    seed: int = option(0, doc="synthetic: generator seed")
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    image: str
+    labels: tuple[str, ...] | None = None
+    extra: Any = None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    id: str
+    where: str
+    code: str
+    reason: str
+
+
+@dataclass
+class Loaded:
+    image: bytes
+    mask: np.ndarray | None
+    labels: tuple[str, ...]
+
+
+class Source(Protocol):
+    class_names: list[str]
+
+    def entries(self): ...
+
+    def load(self, entry: Entry) -> Loaded: ...
+
+
+class BadEntry(ValueError):
+    """An unusable input: ``code`` groups rejects for counting, the message says what is wrong."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+
+
+def labels_from_mask(mask: np.ndarray, class_names: list[str]) -> tuple[str, ...]:
+    values = np.unique(mask)
+    bad = [int(v) for v in values if v != 255 and v > len(class_names)]
+    if bad:
+        raise BadEntry("mask_values", f"mask has values {bad} outside 0..{len(class_names)} and 255")
+    return tuple(class_names[int(v) - 1] for v in values if 0 < v <= len(class_names))
+
+
+def build_source(cfg: SourceConfig) -> Source:
+    from system.data.sources import coco, manifest, openimages, synthetic, voc
+
+    builders = {
+        "voc": voc.VocSource,
+        "coco": coco.CocoSource,
+        "openimages": openimages.OpenImagesSource,
+        "manifest": manifest.ManifestSource,
+        "synthetic": synthetic.SyntheticSource,
+    }
+    if cfg.format != "synthetic" and not cfg.path:
+        raise ValueError(f"source.path is required for source.format={cfg.format}")
+    return builders[cfg.format](cfg)

@@ -1,0 +1,91 @@
+"""A manifest of (id, image location, label names): ``.jsonl`` or ``.csv``, local or on S3.
+
+JSON lines: ``{"id": ..., "image": path-or-URI, "labels": [names], "mask": optional path-or-URI}``.
+CSV: a header with ``id,image,labels`` (and optionally ``mask``), label names separated by ``|``.
+Relative paths are relative to the manifest's folder. Classes are ``source.classes`` when given
+(then any other name is an unknown class), otherwise every name seen, sorted. A line that cannot be
+parsed is a reject naming the file and line, not a failed ingest.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import PurePosixPath
+
+from system import storage
+from system.data.sources import BadEntry, Entry, Loaded, Rejected, SourceConfig
+from system.masks import decode_mask
+
+
+class ManifestSource:
+    def __init__(self, cfg: SourceConfig):
+        self.cfg = cfg
+        self.path = cfg.path
+        if not self.path.endswith((".jsonl", ".csv")):
+            raise ValueError(f"source.path={self.path!r}: a manifest must be a .jsonl or .csv file")
+        self.base = self.path.rsplit("/", 1)[0] if "/" in self.path else "."
+        records = list(self._parse())
+        self._pending = records  # handed to entries() once; tasks never receive the whole manifest
+        seen = sorted({name for r in records if isinstance(r, Entry) for name in r.labels})
+        self.class_names = list(cfg.classes) if cfg.classes else seen
+
+    def _resolve(self, location: str) -> str:
+        if storage.is_s3(location) or location.startswith("file://") or PurePosixPath(location).is_absolute():
+            return location
+        return storage.join(self.base, location)
+
+    def _rows(self):
+        text = storage.get_bytes(self.path).decode("utf-8")
+        if self.path.endswith(".jsonl"):
+            for line, raw in enumerate(text.splitlines(), start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    yield line, json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    yield line, f"invalid JSON ({exc.msg})"
+            return
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        missing = {"id", "image", "labels"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{self.path}: CSV header lacks {sorted(missing)}")
+        for line, row in enumerate(reader, start=2):
+            row["labels"] = [n.strip() for n in (row.get("labels") or "").split("|") if n.strip()]
+            yield line, {k: v for k, v in row.items() if v not in (None, "")} | {"labels": row["labels"]}
+
+    def _parse(self):
+        for line, row in self._rows():
+            where = f"{self.path}:{line}"
+            if isinstance(row, str):
+                yield Rejected("", where, "malformed", row)
+                continue
+            if not isinstance(row, dict):
+                yield Rejected("", where, "malformed", "a manifest line must be an object")
+                continue
+            sample_id, image, labels = row.get("id"), row.get("image"), row.get("labels")
+            if not isinstance(sample_id, str) or not isinstance(image, str) or not image:
+                yield Rejected(str(sample_id or ""), where, "malformed", "needs string fields id and image")
+                continue
+            if not isinstance(labels, list) or not all(isinstance(n, str) for n in labels):
+                yield Rejected(sample_id, where, "malformed", "labels must be a list of class names")
+                continue
+            mask = row.get("mask")
+            yield Entry(sample_id, self._resolve(image), tuple(dict.fromkeys(labels)),
+                        {"mask": self._resolve(mask) if isinstance(mask, str) and mask else None})
+
+    def entries(self):
+        yield from self.__dict__.pop("_pending", None) or self._parse()
+
+    def load(self, entry: Entry) -> Loaded:
+        image = storage.get_bytes(entry.image)
+        mask = None
+        if entry.extra["mask"] and self.cfg.masks:
+            try:
+                mask = decode_mask(storage.get_bytes(entry.extra["mask"]))
+            except FileNotFoundError:
+                raise BadEntry("not_found", f"mask not found: {entry.extra['mask']}") from None
+            except (OSError, ValueError) as exc:
+                raise BadEntry("unreadable_mask", f"unreadable mask ({exc})") from None
+        return Loaded(image, mask, entry.labels)

@@ -1,0 +1,18 @@
+"""The Ray task that writes one shard; the work itself is ``system.data.ingest.write_shard``.
+
+A task that fails on storage or network errors is retried by Ray (the shard write is atomic, so a
+retry starts clean); a bad input never fails a task, it becomes a reject.
+"""
+
+from __future__ import annotations
+
+import botocore.exceptions
+import ray
+
+from system.data.ingest import write_shard
+from system.storage import StorageError
+
+
+@ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError, StorageError, botocore.exceptions.BotoCoreError])
+def ingest_shard(source, index, entries, output, class_names, max_pixels, fingerprint) -> dict:
+    return write_shard(source, index, entries, output, class_names, max_pixels, fingerprint)
