@@ -1,0 +1,244 @@
+"""Ingest end to end on a real local Ray cluster, writing to a real S3 server."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.ingest import IngestConfig, run
+from system import storage
+from system.config import ConfigError, load_config
+from system.data.shards import escape_id, read_dataset
+from system.data.sources import SourceConfig
+from system.data.sources.voc import VOC_CLASSES
+from tests import ingest_inputs as inputs
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _ingest(output: str, shard_size: int = 4, **source) -> dict:
+    return run(IngestConfig(output=output, source=SourceConfig(**source), shard_size=shard_size,
+                            num_workers=2, progress_every_s=0.0))
+
+
+def _check_counts(info: dict, samples: dict) -> None:
+    assert info["total_samples"] == len(samples) == sum(s["samples"] for s in info["shards"])
+    assert info["total_samples"] + info["rejected"]["total"] == info["inputs"]
+
+
+def test_voc_layout_masks_and_xml_labels(tmp_path, s3_root):
+    truth = inputs.make_voc(tmp_path / "VOC2012", n=10)
+    info = _ingest(s3_root, format="voc", path=str(tmp_path / "VOC2012"), split="train")
+    samples = inputs.read_samples(s3_root)
+    _check_counts(info, samples)
+    assert info["classes"] == VOC_CLASSES and info["total_samples"] == 10 and info["samples_with_masks"] == 5
+    assert [s["name"] for s in info["shards"]] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    for sample_id, (classes, mask) in truth.items():
+        sample = samples[escape_id(sample_id)]
+        meta, got_mask, size = inputs.sample_truth(sample)
+        assert meta["id"] == sample_id and meta["labels"] == classes and (meta["width"], meta["height"]) == size
+        assert sample["jpg"] == (tmp_path / "VOC2012" / "JPEGImages" / f"{sample_id}.jpg").read_bytes()
+        if mask is None:
+            assert got_mask is None
+        else:
+            np.testing.assert_array_equal(got_mask, mask)
+
+
+def test_voc_authors_label_file_and_id_list(tmp_path, s3_root):
+    root = tmp_path / "VOC2012"
+    truth = inputs.make_voc(root, n=6)
+    ids = list(truth)[:4]
+    table = {i: np.isin(np.arange(20), [k for k in range(20) if k in truth[i][0]] + [19]).astype(np.float32) for i in ids}
+    np.save(tmp_path / "cls_labels.npy", table)
+    (tmp_path / "train_aug_id.txt").write_text("\n".join(ids) + "\n")
+    info = _ingest(s3_root, format="voc", path=str(root), ids_file=str(tmp_path / "train_aug_id.txt"),
+                   labels_file=str(tmp_path / "cls_labels.npy"), masks=False)
+    samples = inputs.read_samples(s3_root)
+    assert info["total_samples"] == 4 and info["samples_with_masks"] == 0
+    for i in ids:
+        meta = json.loads(samples[escape_id(i)]["json"])
+        assert meta["labels"] == sorted(set(truth[i][0]) | {19}), "labels come from the .npy, not the masks"
+
+
+def test_coco_tags_contiguous_classes_and_rasterised_masks(tmp_path, s3_root):
+    truth, cat_ids = inputs.make_coco(tmp_path / "coco")
+    info = _ingest(s3_root, format="coco", path=str(tmp_path / "coco"), split="train2017")
+    samples = inputs.read_samples(s3_root)
+    _check_counts(info, samples)
+    assert info["classes"] == [f"cat{c}" for c in sorted(cat_ids)]
+    assert info["rejected"]["by_code"] == {"no_labels": 1}
+    order = {c: i for i, c in enumerate(sorted(cat_ids))}
+    for sample_id, (classes, mask) in truth.items():
+        if not classes:
+            assert escape_id(sample_id) not in samples
+            continue
+        meta, got_mask, _ = inputs.sample_truth(samples[escape_id(sample_id)])
+        assert meta["labels"] == sorted(order[cat_ids[k]] for k in classes)
+        expected = np.zeros_like(mask)
+        for k in classes:
+            expected[mask == k + 1] = order[cat_ids[k]] + 1
+        np.testing.assert_array_equal(got_mask, expected)
+
+
+def test_openimages_verified_positives_and_class_subset(tmp_path, s3_root):
+    truth = inputs.make_openimages(tmp_path / "oi")
+    info = _ingest(s3_root, format="openimages", path=str(tmp_path / "oi"), split="train",
+                   classes=["Class 3", "/m/01x", "Class 0"])
+    samples = inputs.read_samples(s3_root)
+    _check_counts(info, samples)
+    assert info["classes"] == ["Class 3", "Class 1", "Class 0"]
+    subset = {3: 0, 1: 1, 0: 2}
+    for image_id, classes in truth.items():
+        kept = sorted(subset[k] for k in classes if k in subset)
+        if not kept:
+            assert escape_id(image_id) not in samples
+        else:
+            assert json.loads(samples[escape_id(image_id)]["json"])["labels"] == kept
+    assert info["rejected"]["by_code"] == {"no_labels": sum(1 for c in truth.values() if not set(c) & set(subset))}
+
+
+def test_manifest_on_s3_with_relative_and_s3_image_paths(s3_root):
+    lines, truth = [], {}
+    for i in range(6):
+        image, _, classes = inputs.scene(300 + i)
+        location = f"images/{i}.jpg" if i % 2 else storage.join(s3_root, "elsewhere", f"{i}.jpg")
+        storage.put_bytes(storage.join(s3_root, "in", location) if i % 2 else location, image)
+        names = [f"thing{k}" for k in classes]
+        lines.append(json.dumps({"id": f"img {i}", "image": location, "labels": names}))
+        truth[f"img {i}"] = names
+    storage.put_bytes(storage.join(s3_root, "in", "manifest.jsonl"), ("\n".join(lines) + "\n").encode())
+    out = storage.join(s3_root, "out")
+    info = _ingest(out, format="manifest", path=storage.join(s3_root, "in", "manifest.jsonl"))
+    samples = inputs.read_samples(out)
+    _check_counts(info, samples)
+    assert info["classes"] == sorted({n for names in truth.values() for n in names})
+    for sample_id, names in truth.items():
+        meta = json.loads(samples[escape_id(sample_id)]["json"])
+        assert meta["id"] == sample_id and [info["classes"][k] for k in meta["labels"]] == sorted(names)
+
+
+def _encoded(array, fmt="JPEG", mode=None) -> bytes:
+    image = Image.fromarray(array)
+    if mode:
+        image = image.convert(mode)
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def test_bad_inputs_are_rejected_with_reasons_and_counts_add_up(tmp_path, s3_root):
+    rgb = (np.random.default_rng(3).random((40, 40, 3)) * 255).astype(np.uint8)
+    good = _encoded(rgb)
+    files = {
+        "good.jpg": good, "zero.jpg": b"", "trunc.jpg": good[: len(good) // 2],
+        "garbage.jpg": np.random.default_rng(4).bytes(2000), "notes.txt": b"just text",
+        "cmyk.jpg": _encoded(rgb, mode="CMYK"), "grey.jpg": _encoded(rgb, mode="L"),
+        "alpha.png": _encoded(rgb, "PNG", "RGBA"), "old.bmp": _encoded(rgb, "BMP"),
+        "deep.png": _encoded(rgb[..., 0].astype(np.uint16) * 250, "PNG"),
+        "huge.png": _encoded(np.zeros((100, 100, 3), np.uint8), "PNG"),
+        "mask_small.png": _encoded(np.zeros((20, 20), np.uint8), "PNG"),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    rows = [
+        ("good", "good.jpg", ["a"], None, None), ("zero", "zero.jpg", ["a"], None, "empty"),
+        ("trunc", "trunc.jpg", ["a"], None, "corrupt"), ("garbage", "garbage.jpg", ["a"], None, "unreadable"),
+        ("text", "notes.txt", ["a"], None, "unreadable"), ("cmyk", "cmyk.jpg", ["a"], None, "cmyk"),
+        ("grey", "grey.jpg", ["a"], None, None), ("alpha", "alpha.png", ["b"], None, None),
+        ("bmp", "old.bmp", ["b"], None, None), ("deep", "deep.png", ["a"], None, "unsupported_mode"),
+        ("huge", "huge.png", ["a"], None, "too_large"), ("unknown", "good.jpg", ["a", "zebra"], None, "unknown_class"),
+        ("nolabel", "good.jpg", [], None, "no_labels"), ("good", "grey.jpg", ["a"], None, "duplicate_id"),
+        ("../x", "good.jpg", ["a"], None, "unsafe_id"), ("/", "good.jpg", ["a"], None, "unsafe_id"),
+        ("with space", "good.jpg", ["a"], None, None), ("ünï", "good.jpg", ["b"], None, None),
+        ("badmask", "good.jpg", ["a"], "mask_small.png", "mask_size"), ("missing", "absent.jpg", ["a"], None, "not_found"),
+    ]
+    lines = [json.dumps({"id": i, "image": img, "labels": lab} | ({"mask": m} if m else {})) for i, img, lab, m, _ in rows]
+    lines.insert(3, "{not json")
+    (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    info = run(IngestConfig(output=s3_root, source=SourceConfig(format="manifest", path=str(tmp_path / "manifest.jsonl"),
+                                                                  classes=["a", "b"]),
+                            shard_size=5, max_pixels=5000, progress_every_s=0.0))
+    samples = inputs.read_samples(s3_root)
+    rejects = [json.loads(line) for line in storage.get_bytes(storage.join(s3_root, "rejects.jsonl")).decode().splitlines()]
+    assert info["inputs"] == len(rows) + 1
+    assert info["total_samples"] + len(rejects) == info["inputs"] == info["total_samples"] + info["rejected"]["total"]
+    got = {(r["id"], r["code"]) for r in rejects}
+    expected = {(i, code) for i, _, _, _, code in rows if code} | {("", "malformed")}
+    assert got == expected
+    accepted = {escape_id(i) for i, _, _, _, code in rows if not code}
+    assert set(samples) == accepted
+    assert samples[escape_id("grey")]["jpg"] == files["grey.jpg"], "greyscale kept byte for byte"
+    assert "png" in samples[escape_id("bmp")] and "bmp" not in samples[escape_id("bmp")]
+    assert json.loads(samples[escape_id("ünï")]["json"])["id"] == "ünï"
+
+
+def test_rerun_skips_complete_shards_and_changes_nothing(s3_root, s3_server, caplog):
+    _ingest(s3_root, shard_size=5, format="synthetic", num_images=14, image_size=48, num_classes=3)
+    before = inputs.snapshot(s3_root)
+    client = s3_server.client()
+    bucket, prefix = s3_root[5:].split("/", 1)
+    stamps = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+    caplog.set_level("INFO", logger="pipelines.ingest")
+    info = _ingest(s3_root, shard_size=5, format="synthetic", num_images=14, image_size=48, num_classes=3)
+    assert "3 shards (3 already complete)" in caplog.text
+    assert inputs.snapshot(s3_root) == before
+    after = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+    shard_keys = [k for k in stamps if k.endswith((".tar", "dataset.json", "rejects.jsonl"))]
+    assert len(shard_keys) == 5 and all(after[k] == stamps[k] for k in shard_keys)
+    assert info == read_dataset(s3_root)
+
+
+def test_changed_settings_rewrite_the_affected_shards(tmp_path):
+    out = str(tmp_path / "ds")
+    _ingest(out, shard_size=5, format="synthetic", num_images=10, image_size=48)
+    first = read_dataset(out)
+    second = _ingest(out, shard_size=5, format="synthetic", num_images=10, image_size=56)
+    assert [s["sha256"] for s in first["shards"]] != [s["sha256"] for s in second["shards"]]
+    assert read_dataset(out)["source"]["image_size"] == 56
+
+
+def test_killed_ingest_resumes_to_the_same_dataset(tmp_path, s3_root, ray_cluster):
+    args = ["source.format=synthetic", "source.num_images=240", "source.image_size=64", "shard_size=4", "num_workers=1"]
+    reference = storage.join(s3_root, "reference", "ds")
+    _ingest(reference, shard_size=4, format="synthetic", num_images=240, image_size=64)
+    target = storage.join(s3_root, "killed", "ds")
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address_info["gcs_address"], PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.ingest", f"output={target}", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any("_parts/" in u for u in storage.list_uris(target)):
+        assert proc.poll() is None and time.monotonic() < deadline, "the ingest ended before writing a shard"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [u for u in storage.list_uris(target) if "_parts/" in u]
+    assert 0 < len(done) < 60 and not storage.exists(storage.join(target, "dataset.json")), "killed half-way"
+    _ingest(target, shard_size=4, format="synthetic", num_images=240, image_size=64)
+    ref, got = inputs.snapshot(reference), inputs.snapshot(target)
+    strip = lambda snap, root: {u[len(root):]: b for u, b in snap.items() if not u.endswith("ingest.yaml")}
+    assert strip(got, target) == strip(ref, reference)
+
+
+def test_cli_config_names_bad_keys(tmp_path):
+    with pytest.raises(ConfigError, match="source.formt"):
+        load_config(IngestConfig, overrides=["output=/tmp/x", "source.formt=voc"])
+    with pytest.raises(ConfigError, match="source.format"):
+        load_config(IngestConfig, overrides=["output=/tmp/x", "source.format=imagenet"])
+    cfg = load_config(IngestConfig, overrides=["output=s3://b/d", "source.format=synthetic", "source.num_images=7",
+                                                "source.num_classes=3", "source.image_size=64", "source.seed=2",
+                                                "source.split=val", "source.path=", "shard_size=3", "num_workers=1"])
+    assert (cfg.source.num_images, cfg.shard_size, cfg.output) == (7, 3, "s3://b/d")
+
+
+def test_unwritable_output_fails_before_any_work(s3_server):
+    with pytest.raises(storage.StorageError, match="s3://missing-bucket-x/ds.*does not exist"):
+        _ingest("s3://missing-bucket-x/ds", format="synthetic", num_images=3)

@@ -1,0 +1,215 @@
+"""Unit tests of the pieces under ingest: keys, masks, image checks, COCO masks, label files, tars."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from system.data import shards
+from system.data.sources import BadEntry, SourceConfig, build_source
+from system.data.sources.coco import decode_rle_string, rasterise, rle_to_mask
+from system.data.sources.synthetic import class_names, render
+from system.data.sources.voc import load_cls_labels
+from system.data.validate import inspect_image
+from system.masks import decode_mask, encode_mask, pascal_palette
+
+
+def _jpeg(array: np.ndarray, mode: str | None = None, fmt: str = "JPEG") -> bytes:
+    image = Image.fromarray(array)
+    if mode:
+        image = image.convert(mode)
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+RGB = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("sample_id", ["2007_000032", "a b", "ünï/cødé", "x.y-z", "A" * 60, "-", "1-2d"])
+def test_key_escaping_is_safe_and_reversible(sample_id):
+    key = shards.escape_id(sample_id)
+    assert all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
+    assert shards.unescape_key(key) == sample_id
+
+
+def test_escaping_is_injective_on_lookalikes():
+    ids = ["a-b", "a.b", "a b", "a/b", "a-2db", "a_b"]
+    assert len({shards.escape_id(i) for i in ids}) == len(ids)
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "../x", "/", "/abs/path", "a/../b", "tab\there", "./x"])
+def test_unsafe_ids_are_refused(bad):
+    with pytest.raises(shards.UnsafeId):
+        shards.check_id(bad)
+
+
+def test_palette_masks_roundtrip_with_voc_colours():
+    mask = np.random.default_rng(1).integers(0, 21, (30, 40)).astype(np.uint8)
+    mask[0] = 255
+    data = encode_mask(mask)
+    image = Image.open(io.BytesIO(data))
+    assert image.mode == "P" and image.getpalette()[3:6] == [128, 0, 0]
+    assert pascal_palette()[255 * 3 : 256 * 3] == [224, 224, 192]
+    np.testing.assert_array_equal(decode_mask(data), mask)
+    rgb = io.BytesIO()
+    image.convert("RGB").save(rgb, format="PNG")
+    np.testing.assert_array_equal(decode_mask(rgb.getvalue()), mask)
+
+
+def test_image_checks_accept_good_and_convertible_images():
+    assert inspect_image(_jpeg(RGB), 10**6)[:1] == ("jpg",)
+    for mode, fmt, ext in (("L", "JPEG", "jpg"), ("RGBA", "PNG", "png"), ("P", "PNG", "png"), ("RGB", "WEBP", "webp")):
+        data = _jpeg(RGB, mode, fmt)
+        out_ext, out, width, height = inspect_image(data, 10**6)
+        assert (out_ext, out, width, height) == (ext, data, 64, 48), "kept byte for byte"
+    ext, out, _, _ = inspect_image(_jpeg(RGB, None, "BMP"), 10**6)
+    assert ext == "png" and np.array_equal(np.asarray(Image.open(io.BytesIO(out))), RGB)
+
+
+@pytest.mark.parametrize("case,code", [
+    ("empty", "empty"), ("truncated", "corrupt"), ("garbage", "unreadable"), ("text", "unreadable"),
+    ("cmyk", "cmyk"), ("sixteen_bit", "unsupported_mode"), ("enormous", "too_large"),
+])
+def test_image_checks_reject_bad_images_with_reason(case, code):
+    good = _jpeg(RGB)
+    data = {
+        "empty": b"",
+        "truncated": good[: len(good) * 2 // 3],
+        "garbage": np.random.default_rng(2).bytes(3000),
+        "text": b"id,image\nthis is not an image\n",
+        "cmyk": _jpeg(RGB, "CMYK"),
+        "sixteen_bit": _jpeg((RGB[..., 0].astype(np.uint16) * 200), None, "PNG"),
+        "enormous": good,
+    }[case]
+    with pytest.raises(BadEntry) as info:
+        inspect_image(data, 1000 if case == "enormous" else 10**6)
+    assert info.value.code == code
+
+
+def _rle_encode(mask: np.ndarray) -> str:
+    """pycocotools' rleToString, to produce test input in the compressed form."""
+    flat = mask.T.reshape(-1).astype(np.uint8)
+    counts, prev, run = [], 0, 0
+    for v in flat:
+        if v != prev:
+            counts.append(run)
+            run, prev = 0, v
+        run += 1
+    counts.append(run)
+    out = []
+    for i, c in enumerate(counts):
+        x = c - counts[i - 2] if i > 2 else c
+        more = True
+        while more:
+            ch = x & 0x1F
+            x >>= 5
+            more = x != -1 if ch & 0x10 else x != 0
+            if more:
+                ch |= 0x20
+            out.append(chr(ch + 48))
+    return "".join(out)
+
+
+def test_coco_rle_both_forms_decode_column_major():
+    mask = np.zeros((7, 5), dtype=bool)
+    mask[1:4, 2] = True
+    mask[6, 0:5] = True
+    mask[0, 4] = True
+    counts_plain = []
+    flat = mask.T.reshape(-1)
+    run, prev = 0, False
+    for v in flat:
+        if v != prev:
+            counts_plain.append(run)
+            run, prev = 0, v
+        run += 1
+    counts_plain.append(run)
+    np.testing.assert_array_equal(rle_to_mask({"size": [7, 5], "counts": counts_plain}), mask)
+    encoded = _rle_encode(mask)
+    assert decode_rle_string(encoded) == counts_plain
+    np.testing.assert_array_equal(rle_to_mask({"size": [7, 5], "counts": encoded}), mask)
+
+
+def test_coco_rasterise_paints_small_over_large_and_crowd_as_ignore():
+    big = [[0, 0, 20, 0, 20, 20, 0, 20]]
+    small = [[5, 5, 10, 5, 10, 10, 5, 10]]
+    crowd = np.zeros((20, 20), dtype=bool)
+    crowd[15:, 15:] = True
+    crowd_rle = {"size": [20, 20], "counts": _rle_encode(crowd)}
+    mask = rasterise(20, 20, [[1, 0, 25.0, small], [0, 0, 400.0, big], [2, 1, 25.0, crowd_rle]])
+    assert mask[2, 2] == 1 and mask[7, 7] == 2, "the small instance stays visible on the large one"
+    assert mask[17, 17] == 1, "individual instances are painted over crowd regions"
+    no_instance = rasterise(20, 20, [[2, 1, 25.0, crowd_rle]])
+    assert no_instance[17, 17] == 255 and no_instance[0, 0] == 0
+
+
+def test_cls_labels_npy_loads_and_refuses_code(tmp_path):
+    table = {"2007_000032": np.eye(20, dtype=np.float32)[0] + np.eye(20, dtype=np.float32)[14]}
+    good = tmp_path / "cls_labels.npy"
+    np.save(good, table)
+    loaded = load_cls_labels(str(good))
+    np.testing.assert_array_equal(loaded["2007_000032"], table["2007_000032"])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("should never run",))
+
+    bad = tmp_path / "evil.npy"
+    np.save(bad, np.array(Evil(), dtype=object), allow_pickle=True)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        load_cls_labels(str(bad))
+
+
+def test_synthetic_is_deterministic_and_tags_match_masks():
+    a = render(3, 6, 64, seed=5)
+    b = render(3, 6, 64, seed=5)
+    assert a[0] == b[0] and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    assert render(4, 6, 64, seed=5)[0] != a[0]
+    for index in range(40):
+        _, mask, classes = render(index, 6, 64, seed=0)
+        present = {int(v) - 1 for v in np.unique(mask) if 0 < v < 255}
+        assert present == set(classes) and 1 <= len(classes) <= 3
+
+
+def test_synthetic_classes_differ_in_colour():
+    """The classes a tiny model must tell apart differ in mean hue, not only in shape."""
+    means = {}
+    for index in range(60):
+        data, mask, _ = render(index, 6, 64, seed=1)
+        rgb = np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32)
+        for k in range(6):
+            region = mask == k + 1
+            if region.sum() > 50:
+                means.setdefault(k, []).append(rgb[region].mean(axis=0))
+    centres = np.stack([np.mean(means[k], axis=0) for k in range(6)])
+    distances = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    assert distances[~np.eye(6, dtype=bool)].min() > 40
+    assert len(set(class_names(6))) == 6
+
+
+def test_synthetic_source_lists_entries_and_loads():
+    source = build_source(SourceConfig(format="synthetic", num_images=5, num_classes=4, image_size=48, seed=2))
+    entries = list(source.entries())
+    assert [e.id for e in entries] == [f"syn2_{i:07d}" for i in range(5)]
+    loaded = source.load(entries[0])
+    assert loaded.mask.shape == (48, 48) and loaded.labels and set(loaded.labels) <= set(source.class_names)
+
+
+def test_tar_bytes_depend_only_on_content():
+    samples = [("k1", [("jpg", b"abc"), ("json", b"{}")]), ("k2", [("png", b"x" * 600)])]
+    one, two = io.BytesIO(), io.BytesIO()
+    size, digest = shards.write_tar(one, samples)
+    shards.write_tar(two, samples)
+    assert one.getvalue() == two.getvalue() and size == len(one.getvalue())
+    import hashlib
+    import tarfile
+
+    assert digest == hashlib.sha256(one.getvalue()).hexdigest()
+    members = tarfile.open(fileobj=io.BytesIO(one.getvalue())).getmembers()
+    assert [m.name for m in members] == ["k1.jpg", "k1.json", "k2.png"]
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "", 0o444)}
