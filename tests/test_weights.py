@@ -1,0 +1,168 @@
+"""Loading the authors' checkpoints in every wrapping, exporting model directories, ImageNet init."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from system import storage
+from system.model import (
+    CheckpointError,
+    build_clustercam,
+    export_model,
+    infer_config,
+    init_from_deit,
+    load_clustercam,
+)
+from tests.golden import GOLDEN_A, golden
+
+
+@pytest.fixture(scope="module")
+def authors_sd():
+    return torch.load(GOLDEN_A / "state_dict.pt")
+
+
+def _same_outputs(a, b, x) -> bool:
+    with torch.no_grad():
+        return all(torch.equal(u, v) for u, v in zip(a(x), b(x)))
+
+
+def test_config_is_inferred_from_tensors(authors_sd):
+    cfg = infer_config(authors_sd)
+    assert cfg == {
+        "num_classes": 5,
+        "embed_dim": 48,
+        "depth": 12,
+        "num_heads": 6,
+        "mlp_ratio": 4.0,
+        "patch_size": 16,
+        "img_size": 96,
+        "st_depth": None,
+        "qkv_bias": True,
+        "decoder_channels": 512,
+    }
+
+
+@pytest.mark.parametrize("wrap", ["plain", "model", "module_prefix", "model_and_prefix"])
+def test_authors_checkpoint_wrappings_load_strictly(tmp_path, authors_sd, wrap):
+    sd = {("module." + k if "prefix" in wrap else k): v for k, v in authors_sd.items()}
+    obj = {"model": sd, "epoch": 3} if wrap.startswith("model") else sd
+    path = tmp_path / "ClusterCAM_VOC.pth"
+    torch.save(obj, path)
+    model = load_clustercam(str(path))
+    assert not model.training
+    reference = load_clustercam(authors_sd)
+    assert _same_outputs(model, reference, golden("x.pt"))
+
+
+def test_safetensors_file_and_overrides(tmp_path, authors_sd):
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in authors_sd.items()}, path)
+    model = load_clustercam(str(path), n_iter=2, drop_path_rate=0.0)
+    assert model.cfg.n_iter == 2
+    assert torch.equal(model.state_dict()["head.weight"], authors_sd["head.weight"])
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"model": Payload()}))
+    with pytest.raises(CheckpointError, match="tensors only"):
+        load_clustercam(str(path))
+
+
+def test_bad_checkpoints_name_the_problem(tmp_path, authors_sd):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_clustercam(str(missing))
+    truncated = tmp_path / "truncated.pth"
+    buf = io.BytesIO()
+    torch.save(authors_sd, buf)
+    truncated.write_bytes(buf.getvalue()[:5000])
+    with pytest.raises(CheckpointError, match="truncated.pth"):
+        load_clustercam(str(truncated))
+    partial = dict(authors_sd)
+    del partial["blocks.3.st_attn.mix_param"]
+    with pytest.raises(CheckpointError, match="mix_param"):
+        load_clustercam(partial)
+    with pytest.raises(CheckpointError, match="missing cls_token"):
+        load_clustercam({"pos_embed": authors_sd["pos_embed"]})
+
+
+def test_export_roundtrip_local_dir(tmp_path):
+    model = build_clustercam(num_classes=3, embed_dim=48, img_size=64, n_iter=2).eval()
+    export_model(model, str(tmp_path / "model"), class_names=["a", "b", "c"], run_id="run-1")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.json", "model.safetensors"]
+    loaded = load_clustercam(str(tmp_path / "model"))
+    assert loaded.cfg == model.cfg  # model.json carries what tensors cannot (n_iter)
+    assert loaded.class_names == ["a", "b", "c"] and loaded.source_id == "run-1"
+    assert _same_outputs(model, loaded, torch.randn(1, 3, 64, 80))
+
+
+def test_export_and_load_through_s3(s3_root):
+    model = build_clustercam(num_classes=2, embed_dim=48, img_size=64).eval()
+    dest = storage.join(s3_root, "runs", "r", "model")
+    export_model(model, dest, class_names=["cat", "dog"], run_id="r")
+    assert storage.exists(storage.join(dest, "model.json"))
+    loaded = load_clustercam(dest)
+    assert loaded.class_names == ["cat", "dog"]
+    assert _same_outputs(model, loaded, torch.randn(2, 3, 64, 64))
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict()}, buf)
+    storage.put_bytes(storage.join(s3_root, "ckpt.pth"), buf.getvalue())
+    assert _same_outputs(model, load_clustercam(storage.join(s3_root, "ckpt.pth")), torch.randn(1, 3, 64, 64))
+
+
+def _tiny_deit(distilled: bool = False) -> dict[str, torch.Tensor]:
+    vit = VisionTransformer(img_size=64, patch_size=16, embed_dim=48, depth=12, num_heads=6, num_classes=1000)
+    torch.nn.init.normal_(vit.cls_token)
+    torch.nn.init.normal_(vit.pos_embed)
+    sd = vit.state_dict()
+    if distilled:  # DeiT-distilled layout: cls + dist rows in front of the grid
+        sd["pos_embed"] = torch.cat([sd["pos_embed"][:, :1], torch.randn(1, 1, 48), sd["pos_embed"][:, 1:]], dim=1)
+        sd["dist_token"] = torch.randn(1, 1, 48)
+    return sd
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_imagenet_init_follows_the_spec(tmp_path, distilled):
+    deit = _tiny_deit(distilled)
+    path = tmp_path / "deit.pth"
+    torch.save({"model": deit}, path)
+    model = build_clustercam(num_classes=4, embed_dim=48, img_size=64)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    untouched = init_from_deit(model, str(path))
+    sd = model.state_dict()
+    assert torch.equal(sd["cls_token"], deit["cls_token"].repeat(1, 4, 1))
+    assert torch.equal(sd["pos_embed"][:, :4], deit["pos_embed"][:, :1].repeat(1, 4, 1))
+    assert torch.equal(sd["pos_embed"][:, 4:], deit["pos_embed"][:, -16:])
+    for i in (0, 11):
+        for ln in ("ln_pat", "ln_pat2", "ln_cls", "ln_st"):
+            assert torch.equal(sd[f"blocks.{i}.st_attn.{ln}.weight"], deit[f"blocks.{i}.norm1.weight"])
+        for dst in ("qkv", "qkv_stsa"):
+            assert torch.equal(sd[f"blocks.{i}.st_attn.{dst}.bias"], deit[f"blocks.{i}.attn.qkv.bias"])
+        for dst in ("proj", "proj_cls"):
+            assert torch.equal(sd[f"blocks.{i}.st_attn.{dst}.weight"], deit[f"blocks.{i}.attn.proj.weight"])
+        assert torch.equal(sd[f"blocks.{i}.mlp.fc2.weight"], deit[f"blocks.{i}.mlp.fc2.weight"])
+    assert torch.equal(sd["patch_embed.proj.weight"], deit["patch_embed.proj.weight"])
+    assert torch.equal(sd["norm.weight"], deit["norm.weight"])
+    for key in ("blocks.0.st_attn.proj_st.weight", "blocks.5.st_attn.mix_param", "head.weight", "decoder.conv6.weight"):
+        assert key in untouched and torch.equal(sd[key], fresh[key])
+
+
+def test_imagenet_init_resamples_another_grid_and_rejects_another_width():
+    deit = _tiny_deit()
+    model = build_clustercam(num_classes=2, embed_dim=48, img_size=96)  # 6x6 grid from a 4x4 one
+    init_from_deit(model, deit)
+    assert model.pos_embed.shape == (1, 2 + 36, 48)
+    wide = build_clustercam(num_classes=2, embed_dim=96, num_heads=6, img_size=64)
+    with pytest.raises(CheckpointError, match="width 48"):
+        init_from_deit(wide, deit)
