@@ -1,0 +1,259 @@
+"""The WebDataset stream that feeds training (per rank) and evaluation.
+
+Public API::
+
+    StreamConfig                       # batch_size, image_size, augment, num_workers, shuffle_buffer,
+                                       # seed, resampled, epoch_batches, retries
+    train_loader(dataset_uri, rank, world_size, cfg, epoch=0, skip_batches=0) -> DataLoader
+        yields (images (B,3,S,S) float32 ImageNet-normalised, labels (B,K) float32 multi-hot)
+    eval_loader(dataset_uri, batch_size, image_size, rank=0, world_size=1, num_workers=0) -> DataLoader
+        yields {"images", "labels", "masks" (B,S,S) int64 with 255 where absent/ignored, "keys"}
+    epoch_batches(info, world_size, cfg) -> int          # steps per rank per epoch
+    shard_samples(url, retries=5) -> iterator of raw samples of one shard, resuming after read errors
+
+How a rank's batches are made: the shard list from ``dataset.json`` is shuffled with a seed that
+depends on (seed, epoch), split by rank and then by DataLoader worker; raw (still encoded) samples
+are shuffled in a buffer, decoded late, augmented, and batched inside the workers. With
+``resampled`` (the training default) each worker draws shards at random with replacement and every
+rank stops after exactly ``epoch_batches`` batches, so ranks never wait on each other at the end of
+an epoch. Without it every sample is seen exactly once per epoch across all ranks and workers (the
+last batch of a worker may be short).
+
+Determinism and resume: every random choice - shard order, shuffle buffer, augmentation - is seeded
+from (seed, epoch, rank, worker role, sample number), so the same call yields the same batches.
+``skip_batches=n`` resumes mid-epoch: worker roles are rotated so that batch 0 of the resumed loader
+is batch n of the original, and each worker drops its share of raw samples *before* decoding, so
+skipping costs only reading. (Exact for resampled streams; without resampling it is exact while no
+worker has run out of shards.)
+
+S3 shards are opened through a boto3 handler registered as ``webdataset.gopen_schemes["s3"]`` (one
+streaming GET per shard); a read that breaks mid-shard is reopened and resumes after the last sample
+already delivered, instead of restarting the epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import botocore.exceptions
+import numpy as np
+import torch
+import urllib3.exceptions
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from system import storage
+from system.config import option
+from system.data.shards import read_dataset, shard_uris
+from system.data.transforms import Augment, build_transform, decode_rgb, resize_mask
+from system.masks import decode_mask
+
+_IMAGE_EXTS = ("jpg", "png", "webp")
+_RETRYABLE = (OSError, tarfile.ReadError, botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError)
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    if mode != "rb":
+        raise ValueError(f"{url}: the s3 handler only reads")
+    return storage.open_read(url)
+
+
+wds.gopen_schemes["s3"] = _gopen_s3
+
+
+@dataclass
+class StreamConfig:
+    """How a rank reads its training batches."""
+
+    batch_size: int = option(8, doc="images per batch per rank")
+    image_size: int = option(448, doc="side S of the (S, S) crops")
+    augment: Augment = option("paper", doc="paper (spec b.1) | light (crop + flip) | none (resize, deterministic)")
+    num_workers: int = option(2, doc="DataLoader worker processes per rank (decode + augment)")
+    shuffle_buffer: int = option(1000, doc="raw samples held for shuffling, per worker")
+    seed: int = option(0, doc="base seed of shard order, shuffling and augmentation")
+    resampled: bool = option(True, doc="draw shards with replacement and stop after epoch_batches (equal steps per rank)")
+    epoch_batches: int = option(0, doc="batches per rank per epoch; 0: total samples // (world size x batch size)")
+    retries: int = option(5, doc="attempts to read a shard when the connection breaks")
+
+
+def epoch_batches(info: dict, world_size: int, cfg: StreamConfig) -> int:
+    if cfg.epoch_batches > 0:
+        return cfg.epoch_batches
+    return max(1, info["total_samples"] // (world_size * cfg.batch_size))
+
+
+def shard_samples(url: str, retries: int = 5) -> Iterator[dict]:
+    """Raw samples ({"__key__", "jpg", "json", ...}) of one shard, in order, each exactly once."""
+    delivered = 0
+    attempt = 0
+    while True:
+        try:
+            with contextlib.closing(wds.gopen(url)) as stream:
+                files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+                for index, sample in enumerate(group_by_keys(files)):
+                    if index >= delivered:
+                        delivered += 1
+                        yield sample
+            return
+        except FileNotFoundError:
+            raise FileNotFoundError(f"shard {url} is missing (dataset.json lists it)") from None
+        except _RETRYABLE as exc:
+            attempt += 1
+            if attempt >= retries:
+                raise OSError(f"reading shard {url} failed {attempt} times, last: {type(exc).__name__}: {exc}") from exc
+            time.sleep(min(0.2 * 2**attempt, 5.0))
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed the RNGs augmentations draw from (Python's, NumPy's global - timm's RandAugment picks
+    its ops with it - and torch's) for one sample, without disturbing the caller's streams."""
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+def _mix(*parts: int) -> int:
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+class _TrainStream(IterableDataset):
+    """One rank's training stream; everything random is keyed by the worker's *role* (see module doc)."""
+
+    def __init__(self, urls, num_classes, rank, world_size, cfg: StreamConfig, epoch, skip_batches, batches):
+        self.urls, self.num_classes = urls, num_classes
+        self.rank, self.world_size, self.cfg = rank, world_size, cfg
+        self.epoch, self.skip, self.batches = epoch, skip_batches, batches
+
+    def _shards(self, role: int, roles: int) -> Iterator[str]:
+        if self.cfg.resampled:
+            rng = random.Random(_mix(self.cfg.seed, self.epoch, self.rank, role, 1))
+            while True:
+                yield rng.choice(self.urls)
+        order = list(self.urls)
+        random.Random(_mix(self.cfg.seed, self.epoch, 2)).shuffle(order)
+        yield from order[self.rank :: self.world_size][role::roles]
+
+    def _decode(self, sample: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ext = next((e for e in _IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            raise ValueError(f"sample {sample['__key__']} in {sample['__url__']} has no image")
+        draft = self.cfg.image_size if self.cfg.augment == "light" else None
+        image = decode_rgb(sample[ext], draft)
+        with _seeded(seed):
+            tensor = self.transform(image)
+        labels = torch.zeros(self.num_classes, dtype=torch.float32)
+        labels[json.loads(sample["json"])["labels"]] = 1.0
+        return tensor, labels
+
+    def __iter__(self):
+        worker, roles = _worker()
+        role = (worker + self.skip) % roles
+        self.transform = build_transform(self.cfg.augment, self.cfg.image_size)
+        skipped_batches = len(range(role, self.skip, roles))
+        raw = (s for url in self._shards(role, roles) for s in shard_samples(url, self.cfg.retries))
+        bufsize = max(1, self.cfg.shuffle_buffer)
+        raw = wds.shuffle(bufsize=bufsize, initial=min(100, bufsize),
+                          rng=random.Random(_mix(self.cfg.seed, self.epoch, self.rank, role, 3)))(raw)
+        size = self.cfg.batch_size
+        to_skip = skipped_batches * size
+        batch: list = []
+        produced = skipped_batches
+        quota = len(range(role, self.batches, roles)) if self.cfg.resampled else math.inf
+        if produced >= quota:
+            return
+        for number, sample in enumerate(raw):
+            if number < to_skip:
+                continue
+            batch.append(self._decode(sample, _mix(self.cfg.seed, self.epoch, self.rank, role, 4, number)))
+            if len(batch) == size:
+                yield torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+                batch = []
+                produced += 1
+                if produced >= quota:
+                    return
+        if batch:
+            yield torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+
+
+def train_loader(dataset_uri: str, rank: int, world_size: int, cfg: StreamConfig, epoch: int = 0,
+                 skip_batches: int = 0) -> DataLoader:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    info = read_dataset(dataset_uri)
+    urls = shard_uris(dataset_uri, info)
+    if not urls:
+        raise ValueError(f"{dataset_uri}: the dataset has no shards")
+    if not cfg.resampled and len(urls) < world_size * max(1, cfg.num_workers):
+        raise ValueError(f"{dataset_uri}: {len(urls)} shards cannot feed {world_size} ranks x {cfg.num_workers} workers "
+                         "without resampling (set resampled=true or write smaller shards)")
+    stream = _TrainStream(urls, len(info["classes"]), rank, world_size, cfg, epoch, skip_batches,
+                          epoch_batches(info, world_size, cfg))
+    # An own generator: DataLoader otherwise draws its base seed from the caller's global torch RNG.
+    generator = torch.Generator().manual_seed(_mix(cfg.seed, epoch, rank, 5))
+    return DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, generator=generator,
+                      prefetch_factor=4 if cfg.num_workers else None, persistent_workers=False)
+
+
+class _EvalStream(IterableDataset):
+    def __init__(self, urls, num_classes, batch_size, image_size, rank, world_size):
+        self.urls, self.num_classes, self.batch_size, self.image_size = urls, num_classes, batch_size, image_size
+        self.rank, self.world_size = rank, world_size
+
+    def _decode(self, sample: dict, transform) -> tuple:
+        ext = next(e for e in _IMAGE_EXTS if e in sample)
+        image = transform(decode_rgb(sample[ext]))
+        labels = torch.zeros(self.num_classes, dtype=torch.float32)
+        labels[json.loads(sample["json"])["labels"]] = 1.0
+        if "mask.png" in sample:
+            mask = torch.from_numpy(resize_mask(decode_mask(sample["mask.png"]), self.image_size).astype(np.int64))
+        else:
+            mask = torch.full((self.image_size, self.image_size), 255, dtype=torch.int64)
+        return image, labels, mask, sample["__key__"]
+
+    def __iter__(self):
+        worker, workers = _worker()
+        transform = build_transform("none", self.image_size)
+        urls = self.urls[self.rank :: self.world_size][worker::workers]
+        batch: list = []
+        for url in urls:
+            for sample in shard_samples(url):
+                batch.append(self._decode(sample, transform))
+                if len(batch) == self.batch_size:
+                    yield self._collate(batch)
+                    batch = []
+        if batch:
+            yield self._collate(batch)
+
+    @staticmethod
+    def _collate(batch: list) -> dict:
+        images, labels, masks, keys = zip(*batch)
+        return {"images": torch.stack(images), "labels": torch.stack(labels), "masks": torch.stack(masks),
+                "keys": list(keys)}
+
+
+def eval_loader(dataset_uri: str, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
+                num_workers: int = 0) -> DataLoader:
+    info = read_dataset(dataset_uri)
+    stream = _EvalStream(shard_uris(dataset_uri, info), len(info["classes"]), batch_size, image_size, rank, world_size)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(0))

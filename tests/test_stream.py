@@ -1,0 +1,188 @@
+"""The training/eval stream over shards on the S3 server: coverage, equal steps, determinism, resume."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from system import storage
+from system.data import ingest
+from system.data.shards import read_dataset, shard_uris
+from system.data.sources import SourceConfig, build_source
+from system.data.stream import StreamConfig, eval_loader, shard_samples, train_loader
+from system.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+NUM_IMAGES, SHARD_SIZE, SIZE = 38, 4, 48
+
+
+def build_dataset(uri: str, num_images: int = NUM_IMAGES, shard_size: int = SHARD_SIZE, num_classes: int = 4) -> dict:
+    """Ingest synthetic scenes in-process (no Ray): the stream only needs the shard contract."""
+    source = build_source(SourceConfig(format="synthetic", num_images=num_images, num_classes=num_classes,
+                                       image_size=SIZE, seed=3))
+    work = ingest.plan(source, shard_size)
+    parts = [ingest.write_shard(source, i, g, uri, source.class_names, 10**7, "t") for i, g in enumerate(work.groups)]
+    return ingest.finalize(uri, "t", source.class_names, parts, work.rejects, work.inputs, {})
+
+
+@pytest.fixture(scope="module")
+def dataset(s3_server):
+    uri = f"s3://clustercam-test/stream-{hashlib.sha1(str(id(s3_server)).encode()).hexdigest()[:8]}"
+    build_dataset(uri)
+    return uri
+
+
+def _digest(image: torch.Tensor) -> str:
+    return hashlib.sha1(image.numpy().tobytes()).hexdigest()
+
+
+def _cfg(**kw) -> StreamConfig:
+    base = dict(batch_size=3, image_size=SIZE, augment="none", num_workers=2, shuffle_buffer=10, seed=7)
+    return StreamConfig(**(base | kw))
+
+
+def test_every_sample_once_per_epoch_across_2_ranks_x_2_workers(dataset):
+    expected = collections.Counter(_digest(img) for b in eval_loader(dataset, 8, SIZE) for img in b["images"])
+    assert sum(expected.values()) == NUM_IMAGES and len(expected) == NUM_IMAGES
+    for epoch in (0, 1):
+        seen = collections.Counter()
+        for rank in (0, 1):
+            for images, labels in train_loader(dataset, rank, 2, _cfg(resampled=False), epoch=epoch):
+                assert images.shape[1:] == (3, SIZE, SIZE) and labels.shape[1] == 4
+                seen.update(_digest(img) for img in images)
+        assert seen == expected
+
+
+def test_resampled_ranks_take_equal_steps_of_full_batches(dataset):
+    counts = []
+    for rank in (0, 1):
+        batches = list(train_loader(dataset, rank, 2, _cfg(resampled=True, epoch_batches=5)))
+        assert all(images.shape[0] == 3 for images, _ in batches)
+        counts.append(len(batches))
+    assert counts == [5, 5]
+    default = list(train_loader(dataset, 0, 2, _cfg(resampled=True, num_workers=0)))
+    assert len(default) == NUM_IMAGES // (2 * 3)
+
+
+def test_paper_augmentation_is_deterministic_and_epoch_dependent(dataset):
+    cfg = _cfg(augment="paper", epoch_batches=4)
+    first = list(train_loader(dataset, 0, 1, cfg, epoch=2))
+    again = list(train_loader(dataset, 0, 1, cfg, epoch=2))
+    other = list(train_loader(dataset, 0, 1, cfg, epoch=3))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert not torch.equal(first[0][0], other[0][0])
+    images, labels = first[0]
+    assert images.dtype == torch.float32 and labels.dtype == torch.float32
+    assert set(labels.unique().tolist()) <= {0.0, 1.0} and (labels.sum(1) >= 1).all()
+
+
+def test_state_of_callers_rng_is_untouched(dataset):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    next(iter(train_loader(dataset, 0, 1, _cfg(augment="paper", num_workers=0, epoch_batches=1))))
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("skip", [1, 4])
+def test_skip_batches_resumes_mid_epoch_exactly(dataset, skip):
+    cfg = _cfg(augment="paper", epoch_batches=7)
+    full = list(train_loader(dataset, 1, 2, cfg, epoch=1))
+    resumed = list(train_loader(dataset, 1, 2, cfg, epoch=1, skip_batches=skip))
+    assert len(full) == 7 and len(resumed) == 7 - skip
+    for (a_img, a_lab), (b_img, b_lab) in zip(full[skip:], resumed):
+        assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)
+
+
+def test_eval_loader_gives_aligned_masks_labels_and_keys(dataset):
+    info = read_dataset(dataset)
+    seen = 0
+    for batch in eval_loader(dataset, 5, SIZE, num_workers=2):
+        masks, labels = batch["masks"], batch["labels"]
+        assert masks.shape == (len(batch["keys"]), SIZE, SIZE) and masks.dtype == torch.int64
+        for mask, label in zip(masks, labels):
+            present = {int(v) - 1 for v in mask.unique() if 0 < v < 255}
+            assert present == set(torch.nonzero(label).flatten().tolist())
+        seen += len(batch["keys"])
+    assert seen == info["total_samples"]
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    restored = batch["images"][0] * std + mean
+    assert restored.min() >= -0.02 and restored.max() <= 1.02
+
+
+def test_eval_masks_are_ignore_when_dataset_has_none(tmp_path):
+    uri = str(tmp_path / "nomask")
+    source = build_source(SourceConfig(format="synthetic", num_images=3, num_classes=2, image_size=SIZE, masks=False))
+    work = ingest.plan(source, 3)
+    part = ingest.write_shard(source, 0, work.groups[0], uri, source.class_names, 10**7, "t")
+    ingest.finalize(uri, "x", source.class_names, [part], [], 3, {})
+    batch = next(iter(eval_loader(uri, 3, 32)))
+    assert (batch["masks"] == 255).all() and batch["images"].shape == (3, 3, 32, 32)
+
+
+class _Flaky(io.RawIOBase):
+    """A shard stream that breaks once after ``fail_at`` bytes, like a reset connection."""
+
+    def __init__(self, data: bytes, fail_at: int | None):
+        self.buffer, self.pos, self.fail_at = data, 0, fail_at
+
+    def readable(self):
+        return True
+
+    def readinto(self, out):
+        if self.fail_at is not None and self.pos >= self.fail_at:
+            raise ConnectionResetError("connection reset by peer")
+        end = len(self.buffer) if self.fail_at is None else min(len(self.buffer), self.fail_at)
+        n = min(len(out), end - self.pos)
+        out[:n] = self.buffer[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+def test_s3_read_errors_resume_at_the_failed_shard(dataset, monkeypatch):
+    url = shard_uris(dataset, read_dataset(dataset))[1]
+    expected = [s["__key__"] for s in shard_samples(url)]
+    data = storage.get_bytes(url)
+    opens = []
+
+    def flaky_open(u, mode="rb", bufsize=8192, **kw):
+        opens.append(u)
+        return io.BufferedReader(_Flaky(data, len(data) // 2 if len(opens) == 1 else None), buffer_size=512)
+
+    monkeypatch.setitem(wds.gopen_schemes, "s3", flaky_open)
+    got = [s["__key__"] for s in shard_samples(url, retries=3)]
+    assert got == expected and len(opens) == 2
+
+
+def test_persistent_read_errors_name_the_shard(dataset, monkeypatch):
+    url = shard_uris(dataset, read_dataset(dataset))[0]
+
+    def broken(u, mode="rb", bufsize=8192, **kw):
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr("system.data.stream.time.sleep", lambda s: None)
+    monkeypatch.setitem(wds.gopen_schemes, "s3", broken)
+    with pytest.raises(OSError, match=f"reading shard {url} failed 2 times"):
+        list(shard_samples(url, retries=2))
+
+
+def test_s3_handler_is_registered_for_plain_webdataset(dataset):
+    url = shard_uris(dataset, read_dataset(dataset))[0]
+    samples = list(wds.WebDataset(url, shardshuffle=False, nodesplitter=wds.split_by_node))
+    assert len(samples) == read_dataset(dataset)["shards"][0]["samples"] and "jpg" in samples[0]
+
+
+def test_too_few_shards_without_resampling_is_a_clear_error(dataset):
+    with pytest.raises(ValueError, match="cannot feed 8 ranks x 2 workers"):
+        train_loader(dataset, 0, 8, _cfg(resampled=False))
+
+
+def test_missing_dataset_is_a_clear_error(s3_root):
+    with pytest.raises(FileNotFoundError, match="no dataset.json"):
+        train_loader(s3_root, 0, 1, _cfg())
