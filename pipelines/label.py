@@ -1,0 +1,201 @@
+"""Bulk pseudo-labelling: a dataset (or manifest) in, masks + stats + previews + label_job.json out.
+
+    python -m pipelines.label [--config configs/label.yaml] key=value ...
+    python -m pipelines.label model=s3://b/runs/voc/model data=s3://b/datasets/voc-train \\
+        output=s3://b/labels/voc-train mode=seg scales=[0.5,1.0,1.5] batch_size=8 num_actors=4
+
+Order of work, so that a bad input costs seconds, not a cluster hour: config and storage checks, the
+model loaded once on the driver (its class count and names), the input's classes compared with it
+(a mismatch stops here, before any actor exists), one listing of ``<output>/masks/`` (the keys to
+skip), then the actor pool. Units (shards or manifest chunks) are handed out two per actor so no
+actor waits for the driver. After the pool, the consistency pass lists the masks again, recovers
+stats lines a killed run never flushed, sums the evaluation, and names every input image that has
+neither a mask nor a failure. ``label_job.json`` is written last.
+
+Joins the Ray cluster in ``RAY_ADDRESS`` (``ray job submit``) or starts a local one. Re-running the
+same command after a crash finishes the rest. ``--help`` lists every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+import json
+import logging
+import os
+import time
+import uuid
+from collections import deque
+
+from PIL import Image
+
+from system import storage
+from system.config import dump_yaml, parse_cli, to_dict
+from system.label.config import LabelConfig
+from system.label.infer import crf_available
+from system.label.inputs import ClassMismatch, plan_inputs
+from system.label.outputs import FAILURES_DIR, JOB_FILE, PREVIEWS_DIR, finalize_outputs, list_mask_keys
+from system.label.previews import contact_sheet, png_bytes
+from system.model import CheckpointError, load_clustercam
+from system.telemetry import Progress, label_metrics, start_metrics_server
+
+log = logging.getLogger("pipelines.label")
+UNITS_PER_ACTOR = 2
+
+
+def _start_ray():
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address="auto", log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False)
+    return ray
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def prepare(cfg: LabelConfig):
+    """Every check that can fail without a cluster: storage, model, classes, CRF extra."""
+    storage.check_readable(cfg.model)
+    storage.check_readable(cfg.data)
+    storage.check_writable(cfg.output)
+    if cfg.crf and not crf_available():
+        raise ValueError("crf=true needs the optional 'crf' extra (pydensecrf), which is not installed")
+    model = load_clustercam(cfg.model)
+    names = model.class_names
+    if cfg.class_names:
+        if names and list(names) != list(cfg.class_names):
+            raise ClassMismatch(f"class_names differ from the names in {cfg.model}/model.json")
+        names = list(cfg.class_names)
+    plan = plan_inputs(cfg.data, model.cfg.num_classes, names, cfg.manifest_chunk)
+    return model, plan
+
+
+def run(cfg: LabelConfig) -> dict:
+    """Run the job; returns the content of ``label_job.json``."""
+    started, t0 = _now(), time.monotonic()
+    cfg = dataclasses.replace(cfg, output=cfg.output.rstrip("/"))
+    model, plan = prepare(cfg)
+    names = plan.class_names
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    model_id = model.source_id or cfg.model
+    done = frozenset() if cfg.overwrite else frozenset(list_mask_keys(cfg.output, "masks"))
+    log.info("label %s: %d images in %d units (%s), %d masks already there, mode=%s -> %s",
+             run_id, plan.total, len(plan.units), plan.kind, len(done), cfg.mode, cfg.output)
+    storage.put_bytes(storage.join(cfg.output, "label.yaml"), dump_yaml(cfg).encode())
+    if plan.rejects:
+        lines = "".join(json.dumps({**r, "run": run_id}) + "\n" for r in plan.rejects)
+        storage.put_bytes(storage.join(cfg.output, FAILURES_DIR, f"part-{run_id}-driver-00000.jsonl"), lines.encode())
+    if cfg.metrics_port:
+        start_metrics_server(cfg.metrics_port)
+
+    ray = _start_ray()
+    from workers.label import LabelActor
+
+    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
+    done_ref = ray.put(done)
+    actor = LabelActor.options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus, runtime_env={"env_vars": storage.aws_env()})
+    actors = [actor.remote(cfg, names, run_id, i, done_ref, model_id) for i in range(cfg.num_actors)]
+    infos = ray.get([a.info.remote() for a in actors])
+    log.info("label %s: actors ready: %s", run_id, infos)
+
+    metrics = label_metrics()
+    progress = Progress(plan.total, "label")
+    queue = deque(plan.units)
+    inflight: dict = {}
+    load = [0] * len(actors)
+    seen: set[str] = set()
+    failures: list[dict] = list(plan.rejects)
+    previews: list[tuple[str, bytes]] = []
+    written = skipped = 0
+    t_pool = time.monotonic()
+    while queue or inflight:
+        for i, a in enumerate(actors):
+            while queue and load[i] < UNITS_PER_ACTOR:
+                unit = queue.popleft()
+                want = cfg.num_previews if len(previews) < cfg.num_previews else 0
+                inflight[a.label.remote(unit, want)] = (i, unit)
+                load[i] += 1
+        metrics.queue_depth.set(len(queue) + sum(max(0, n - 1) for n in load))
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        for ref in ready:
+            i, unit = inflight.pop(ref)
+            load[i] -= 1
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                failures.append({"key": "", "id": "", "source": unit.uri, "reason": f"unit {unit.index} failed: {type(exc).__name__}", "run": run_id})
+                log.error("label %s: unit %d (%s) failed: %s", run_id, unit.index, unit.uri, exc)
+                continue
+            seen.update(result["seen"])
+            written += result["written"]
+            skipped += result["skipped"]
+            failures.extend(result["failures"])
+            previews.extend(result["previews"][: cfg.num_previews - len(previews)])
+            progress.update(len(result["seen"]))
+    pool_seconds = time.monotonic() - t_pool
+    metrics.queue_depth.set(0)
+    for a in actors:
+        ray.kill(a)
+
+    failed = {f["key"] for f in failures if f.get("key")}
+    final = finalize_outputs(cfg, run_id, names, seen, failed)
+    preview_names = _write_previews(cfg.output, previews)
+    counts = {
+        "input": plan.total, "seen": len(seen), "written": written, "skipped_existing": skipped,
+        "failed": len(failures), "masks": final["masks"], "missing": final["missing"],
+        "not_reached": max(0, plan.total - len(seen) - len(plan.rejects)),
+    }
+    job = {
+        "format": "clustercam-label-job", "version": 1, "run": run_id,
+        "config": to_dict(cfg),
+        "model": {"uri": cfg.model, "id": model_id, "config": dataclasses.asdict(model.cfg), "class_names": names},
+        "dataset": {"uri": cfg.data, "kind": plan.kind, "name": plan.info.get("name"), "classes": names, "images": plan.total},
+        "actors": infos,
+        "counts": counts,
+        "complete": counts["missing"] == 0 and counts["not_reached"] == 0 and final["masks_without_stats"] == 0,
+        "consistency": {k: final[k] for k in ("masks", "stats_lines", "stats_recovered", "masks_without_stats", "missing", "missing_keys")},
+        "failures": failures[:1000],
+        "eval": final["eval"],
+        "previews": preview_names,
+        "timings": {
+            "started": started, "finished": _now(), "seconds": round(time.monotonic() - t0, 3),
+            "labelling_seconds": round(pool_seconds, 3), "final_pass_seconds": final["seconds"],
+            "images_per_second": round(written / pool_seconds, 3) if pool_seconds > 0 else None,
+        },
+    }
+    storage.put_bytes(storage.join(cfg.output, JOB_FILE), (json.dumps(job, indent=1, ensure_ascii=False) + "\n").encode())
+    log.info("label %s: %d written, %d skipped, %d failed, %d missing in %.1f s (%s/s)%s", run_id, written, skipped,
+             len(failures), counts["missing"], pool_seconds, job["timings"]["images_per_second"],
+             "".join(f"; {m} mIoU {e['miou']:.4f}" for m, e in final["eval"].items()))
+    return job
+
+
+def _write_previews(output: str, previews: list[tuple[str, bytes]]) -> list[str]:
+    names = []
+    for key, png in previews:
+        storage.put_bytes(storage.join(output, PREVIEWS_DIR, f"{key}.png"), png)
+        names.append(f"{PREVIEWS_DIR}/{key}.png")
+    if previews:
+        tiles = [Image.open(io.BytesIO(png)).convert("RGB") for _, png in previews]
+        storage.put_bytes(storage.join(output, PREVIEWS_DIR, "contact_sheet.png"), png_bytes(contact_sheet(tiles)))
+        names.append(f"{PREVIEWS_DIR}/contact_sheet.png")
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = parse_cli(LabelConfig, argv, prog="python -m pipelines.label")
+    try:
+        run(cfg)
+    except (storage.StorageError, FileNotFoundError, ClassMismatch, CheckpointError, ValueError) as exc:
+        raise SystemExit(f"label failed: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The labelling job's typed config (``python -m pipelines.label [--config FILE] key=value ...``).
+
+It lives in ``system`` rather than in the pipeline because the Ray actor that does the work needs the
+same settings and may not import ``pipelines``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from system.cam import INFER_SCALES, TRAIN_CAM_SCALES
+from system.config import option
+
+Mode = Literal["seg", "cam", "both"]
+Precision = Literal["auto", "bf16", "fp32"]
+
+
+@dataclasses.dataclass
+class LabelConfig:
+    """Bulk pseudo-label generation: masks, stats, previews and label_job.json under ``output``."""
+
+    model: str = option(doc="exported model directory (model.safetensors + model.json) or a checkpoint file; path or s3:// URI")
+    data: str = option(doc="dataset URI (folder with dataset.json + shards) or a manifest (.jsonl/.csv of id, image, labels[, mask])")
+    output: str = option(doc="job folder or s3:// prefix: masks/, stats/, failures/, previews/, label_job.json")
+    mode: Mode = option("seg", doc="seg: multi-scale segmentation head (spec c.1); cam: CAM + PAR pseudo labels (spec b.4-b.7); both: seg in masks/, cam in cam_masks/")
+    scales: list[float] = option(factory=lambda: list(INFER_SCALES), doc="seg: test-time scales")
+    cam_scales: list[float] = option(factory=lambda: list(TRAIN_CAM_SCALES), doc="cam: CAM scales (1.0 always runs)")
+    bg_threshold: float = option(0.4, doc="cam: background threshold (spec b.7; COCO recipe 0.43)")
+    ignore_delta: float = option(0.1, doc="cam: half width of the ignore band around bg_threshold")
+    restrict_to_tags: bool = option(True, doc="seg: only background and the image's tagged classes may win a pixel")
+    class_names: list[str] = option(factory=list, doc="class names in model order, needed for an authors' checkpoint without model.json")
+    batch_size: int = option(8, doc="images per forward (images of the same size after capping)")
+    max_side: int = option(1024, doc="images with a longer side are resized for the model; the mask is resized back (nearest)")
+    precision: Precision = option("auto", doc="auto: bf16 autocast on GPU and on CPUs with native bf16, else fp32")
+    crf: bool = option(False, doc="seg: dense CRF on the probabilities (spec c.1 step 3); needs the 'crf' extra (pydensecrf)")
+    overwrite: bool = option(False, doc="recompute masks that already exist")
+    num_actors: int = option(1, doc="labelling actors (one model copy each)")
+    cpus_per_actor: float = option(0.5, doc="Ray CPUs reserved per actor (fractional, so read tasks are never starved)")
+    gpus_per_actor: float = option(-1.0, doc="Ray GPUs per actor; -1: 1 when the cluster has GPUs, else 0")
+    threads_per_actor: int = option(0, doc="torch CPU threads per actor; 0: Ray's default (max(1, cpus_per_actor))")
+    decode_threads: int = option(2, doc="threads per actor decoding images and writing masks while the model runs")
+    manifest_chunk: int = option(256, doc="manifest images per work unit (a dataset's unit is one shard)")
+    flush_every: int = option(256, doc="stats/failure lines buffered per actor before a part file is written")
+    num_previews: int = option(8, doc="overlay previews (and contact sheet tiles) written under previews/")
+    metrics_port: int = option(0, doc="Prometheus port of the driver; actors use the following ports; 0: off")
+
+    def __post_init__(self) -> None:
+        for name in ("model", "data", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        for name in ("batch_size", "num_actors", "decode_threads", "manifest_chunk", "flush_every", "max_side"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales must be a non-empty list of positive numbers, got {self.scales}")
+        if not self.cam_scales or min(self.cam_scales) <= 0:
+            raise ValueError(f"cam_scales must be a non-empty list of positive numbers, got {self.cam_scales}")
+        if not 0 < self.cpus_per_actor:
+            raise ValueError(f"cpus_per_actor must be positive, got {self.cpus_per_actor}")
+        if self.crf and self.mode == "cam":
+            raise ValueError("crf applies to seg masks; mode=cam has none")
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """Outputs in write order: the last one goes to masks/ and marks the image done."""
+        return {"seg": ("seg",), "cam": ("cam",), "both": ("cam", "seg")}[self.mode]
+
+    def mask_dir(self, mode: str) -> str:
+        return "cam_masks" if self.mode == "both" and mode == "cam" else "masks"

@@ -1,0 +1,295 @@
+"""Images in, label maps out: decode, size for the model, batch by size, run seg and/or cam.
+
+Throughput comes from three things: images of the same (capped) size share a forward (the model's
+token grid depends on the size, so only equal sizes batch without padding, and padding would change
+the positional embedding and the masks); decoding runs in threads while the model runs (PIL and
+torch both release the GIL), bounded so a shard never sits decoded in memory; bf16 autocast where
+the hardware computes bf16 natively. The maths is the library's: ``predict_probs`` (spec c.1) and
+``multi_scale_cam`` + ``pseudo_labels`` (spec b.4-b.7); nothing here changes a pixel's value except
+the optional tag restriction (zeroing classes the image is not tagged with) and the CRF.
+
+Public API::
+
+    Labeller(model, cfg, class_names).label(samples, pool) -> iterator of Labelled | Failure
+    Labeller.decode(sample) -> Decoded | Failure;  Labeller.run(batch) -> list[Labelled | Failure]
+    size_batches(items, size_of, batch_size, max_held) -> iterator of lists
+    model_size(height, width, max_side, min_side) -> (h, w)
+    resolve_precision(precision, device) -> torch.dtype | None
+    to_input(pixels) -> (3,H,W) float32 ImageNet-normalised
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import deque
+from concurrent.futures import Executor
+from typing import Callable, Hashable, Iterable, Iterator, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from system.cam import multi_scale_cam, predict_probs
+from system.data.transforms import decode_rgb
+from system.label.config import LabelConfig
+from system.label.inputs import Sample
+from system.masks import decode_mask
+from system.refine import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, denormalize, pseudo_labels
+
+T = TypeVar("T")
+_MEAN = np.array(IMAGENET_MEAN, dtype=np.float64)
+_STD = np.array(IMAGENET_STD, dtype=np.float64)
+
+
+@dataclasses.dataclass
+class Failure:
+    key: str
+    id: str
+    source: str
+    reason: str
+
+    def line(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Decoded:
+    sample: Sample
+    pixels: np.ndarray  # (H, W, 3) uint8 at the original size
+    x: torch.Tensor  # (3, h, w) normalised, at the model size
+    gt: np.ndarray | None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.x.shape[-2:])
+
+
+@dataclasses.dataclass
+class Labelled:
+    sample: Sample
+    pixels: np.ndarray
+    gt: np.ndarray | None
+    masks: dict[str, np.ndarray]  # mode -> (H, W) uint8 in {0..K, 255}
+    confidence: dict[str, float]
+    model_size: tuple[int, int]
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32.
+
+    ``auto`` takes bf16 only where it is computed natively (any recent GPU; CPUs whose oneDNN has a
+    bf16 path, i.e. AVX512-BF16/AMX): elsewhere bf16 is emulated and several times slower than fp32.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if native else None
+
+
+def model_size(height: int, width: int, max_side: int, min_side: int) -> tuple[int, int]:
+    """Size the model sees: longer side capped at ``max_side``, shorter side at least ``min_side``."""
+    scale = min(1.0, max_side / max(height, width))
+    if min(height, width) * scale < min_side:
+        scale = min_side / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def to_input(pixels: np.ndarray) -> torch.Tensor:
+    """ImageNet normalisation in float64, then float32, as the authors' inference reads images."""
+    x = (pixels.astype(np.float64) / 255.0 - _MEAN) / _STD
+    return torch.from_numpy(x.astype(np.float32).transpose(2, 0, 1).copy())
+
+
+def size_batches(items: Iterable[T], size_of: Callable[[T], Hashable], batch_size: int, max_held: int) -> Iterator[list[T]]:
+    """Group items of equal size into batches, holding at most ``max_held`` back.
+
+    A full bucket leaves at once; when too many images wait in half-full buckets the fullest one
+    leaves early, so mixed-size inputs (COCO) cost a few short batches instead of unbounded memory.
+    """
+    buckets: dict[Hashable, list[T]] = {}
+    held = 0
+    for item in items:
+        bucket = buckets.setdefault(size_of(item), [])
+        bucket.append(item)
+        held += 1
+        if len(bucket) >= batch_size:
+            held -= len(bucket)
+            yield buckets.pop(size_of(item))
+        elif held >= max_held:
+            fullest = max(buckets, key=lambda s: len(buckets[s]))
+            held -= len(buckets[fullest])
+            yield buckets.pop(fullest)
+    for size in list(buckets):
+        yield buckets.pop(size)
+
+
+def dense_crf(pixels: np.ndarray, probs: np.ndarray, iterations: int = 10) -> np.ndarray:
+    """Spec c.1 step 3: DenseCRF2D, Gaussian sxy 4 compat 3, bilateral sxy 83 srgb 5 compat 3."""
+    try:
+        import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import unary_from_softmax
+    except ImportError:
+        raise RuntimeError("crf=true needs the optional 'crf' extra: pip install 'clustercam-system[crf]' (pydensecrf)") from None
+    n, h, w = probs.shape
+    crf = dcrf.DenseCRF2D(w, h, n)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32), clip=1e-5)))
+    crf.addPairwiseGaussian(sxy=4, compat=3)
+    crf.addPairwiseBilateral(sxy=83, srgb=5, rgbim=np.ascontiguousarray(pixels), compat=3)
+    return np.argmax(np.array(crf.inference(iterations)).reshape(n, h, w), axis=0).astype(np.uint8)
+
+
+def crf_available() -> bool:
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Labeller:
+    """One model on one device turning samples into label maps (no I/O besides decoding bytes)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: LabelConfig, class_names: list[str]):
+        self.model = model
+        self.cfg = cfg
+        self.class_names = list(class_names)
+        self.num_classes = model.cfg.num_classes
+        self.device = next(model.parameters()).device
+        self.dtype = resolve_precision(cfg.precision, self.device)
+        scales = [*(cfg.scales if "seg" in cfg.modes else []), *(cfg.cam_scales if "cam" in cfg.modes else [])]
+        # every scaled copy must hold at least one patch (int() truncates, hence the ceil)
+        self.min_side = math.ceil(model.cfg.patch_size / min(min(scales), 1.0))
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.dtype is not None else "fp32"
+
+    def decode(self, sample: Sample) -> Decoded | Failure:
+        if sample.error:
+            return Failure(sample.key, sample.id, sample.source, sample.error)
+        try:
+            image = decode_rgb(sample.image)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            return Failure(sample.key, sample.id, sample.source, f"unreadable image ({type(exc).__name__}: {exc})")
+        pixels = np.asarray(image, dtype=np.uint8)
+        H, W = pixels.shape[:2]
+        h, w = model_size(H, W, self.cfg.max_side, self.min_side)
+        resized = pixels if (h, w) == (H, W) else np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.uint8)
+        gt = None
+        if sample.gt is not None:
+            try:
+                gt = decode_mask(sample.gt)
+            except (OSError, ValueError) as exc:
+                return Failure(sample.key, sample.id, sample.source, f"unreadable GT mask ({exc})")
+            if gt.shape != (H, W):
+                return Failure(sample.key, sample.id, sample.source, f"GT mask is {gt.shape[1]}x{gt.shape[0]}, image {W}x{H}")
+        return Decoded(sample, pixels, to_input(resized), gt)
+
+    def _tags(self, batch: list[Decoded]) -> torch.Tensor:
+        tags = torch.zeros(len(batch), self.num_classes, device=self.device)
+        for i, item in enumerate(batch):
+            tags[i, list(item.sample.labels)] = 1
+        return tags
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def seg(self, x: torch.Tensor, tags: torch.Tensor, pixels: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,h,w) labels and confidences: argmax of the multi-scale probabilities (spec c.1)."""
+        with self._autocast():
+            probs = predict_probs(self.model, x, self.cfg.scales).float()
+        if self.cfg.restrict_to_tags:
+            allowed = torch.cat([torch.ones_like(tags[:, :1]), tags], dim=1)
+            probs = probs * allowed[:, :, None, None]
+        conf, labels = probs.max(dim=1)
+        if self.cfg.crf:
+            labels = torch.stack([
+                torch.from_numpy(dense_crf(px, p.cpu().numpy())).to(labels) for px, p in zip(pixels, probs)
+            ])
+        return labels, conf
+
+    def cam(self, x: torch.Tensor, tags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,h,w) PAR pseudo labels (spec b.7) and confidences (tag CAM of the winner; 1 - max for bg)."""
+        with self._autocast():
+            cams = multi_scale_cam(self.model, x, self.cfg.cam_scales)
+        cams = cams.float() * tags[:, :, None, None]
+        labels = pseudo_labels(denormalize(x), cams, tags, self.cfg.bg_threshold, self.cfg.ignore_delta)
+        top = cams.max(dim=1).values
+        fg = torch.gather(cams, 1, (labels - 1).clamp(0, self.num_classes - 1).unsqueeze(1)).squeeze(1)
+        conf = torch.where(labels == 0, 1 - top, fg).masked_fill(labels == IGNORE_INDEX, float("nan"))
+        return labels, conf
+
+    @torch.inference_mode()
+    def run(self, batch: list[Decoded]) -> list[Labelled | Failure]:
+        """Label one same-size batch; a failing batch is retried image by image so one bad image fails alone."""
+        try:
+            return self._run(batch)
+        except (RuntimeError, ValueError) as exc:
+            if len(batch) > 1:
+                return [out for item in batch for out in self.run([item])]
+            s = batch[0].sample
+            return [Failure(s.key, s.id, s.source, f"model failed ({type(exc).__name__}: {str(exc)[:300]})")]
+
+    def _run(self, batch: list[Decoded]) -> list[Labelled | Failure]:
+        x = torch.stack([item.x for item in batch]).to(self.device, non_blocking=True)
+        tags = self._tags(batch)
+        h, w = x.shape[-2:]
+        outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for mode in self.cfg.modes:
+            if mode == "seg":
+                small = [np.asarray(Image.fromarray(item.pixels).resize((w, h), Image.BILINEAR)) if item.pixels.shape[:2] != (h, w)
+                         else item.pixels for item in batch] if self.cfg.crf else []
+                outputs[mode] = self.seg(x, tags, small)
+            else:
+                outputs[mode] = self.cam(x, tags)
+        results: list[Labelled | Failure] = []
+        for i, item in enumerate(batch):
+            H, W = item.pixels.shape[:2]
+            masks, confidence = {}, {}
+            for mode, (labels, conf) in outputs.items():
+                mask = labels[i].to(torch.uint8).cpu().numpy()
+                if (h, w) != (H, W):
+                    mask = np.asarray(Image.fromarray(mask).resize((W, H), Image.NEAREST))
+                masks[mode] = mask
+                c = conf[i].float()
+                confidence[mode] = float(c.nanmean()) if not torch.isnan(c).all() else float("nan")
+            results.append(Labelled(item.sample, item.pixels, item.gt, masks, confidence, (int(h), int(w))))
+        return results
+
+    def label(self, samples: Iterable[Sample], pool: Executor, on_batch: Callable[[int, float], None] | None = None) -> Iterator[Labelled | Failure]:
+        """The whole per-unit pipeline: decode in ``pool`` ahead of the model, batch by size, run."""
+        window = 4 * self.cfg.batch_size
+
+        def decoded() -> Iterator[Decoded | Failure]:
+            pending: deque = deque()
+            for sample in samples:
+                pending.append(pool.submit(self.decode, sample))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+        def good() -> Iterator[Decoded]:
+            for item in decoded():
+                if isinstance(item, Failure):
+                    failures.append(item)
+                else:
+                    yield item
+
+        failures: list[Failure] = []
+        for batch in size_batches(good(), lambda d: d.size, self.cfg.batch_size, window):
+            yield from failures
+            failures.clear()
+            start = time.perf_counter()
+            out = self.run(batch)
+            if on_batch:
+                on_batch(len(batch), time.perf_counter() - start)
+            yield from out
+        yield from failures
+

@@ -1,0 +1,164 @@
+"""What a labelling job reads: a dataset's shards or a manifest, cut into work units.
+
+A unit is what one actor call processes: one shard (its samples are only known once it is read,
+so the actor skips finished keys itself) or a chunk of manifest lines (the driver already knows the
+keys and drops finished ones before sending). Image bytes are fetched inside the actor, never by
+the driver, so the driver's memory does not grow with the corpus.
+
+Public API::
+
+    Unit(index, uri, entries=())                  # a shard URI, or manifest entries
+    Sample(key, id, labels, image, gt, source, error=None)
+    InputPlan(units, class_names, kind, info, total, rejects)
+    plan_inputs(data, class_names, chunk) -> InputPlan
+    unit_samples(unit, class_index, skip) -> iterator of Sample
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Iterator
+
+from system import storage
+from system.data.shards import DATASET_FILE, UnsafeId, check_id, escape_id, read_dataset, shard_uris
+from system.data.sources import Entry, Rejected, SourceConfig
+from system.data.sources.manifest import ManifestSource
+from system.data.stream import shard_samples
+
+IMAGE_EXTS = ("jpg", "png", "webp")
+
+
+class ClassMismatch(ValueError):
+    """The model's classes and the input's do not line up; the job must not start."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    index: int
+    uri: str
+    entries: tuple[Entry, ...] = ()
+
+    @property
+    def is_shard(self) -> bool:
+        return not self.entries
+
+
+@dataclasses.dataclass
+class Sample:
+    key: str
+    id: str
+    labels: tuple[int, ...]
+    image: bytes | None
+    gt: bytes | None
+    source: str
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class InputPlan:
+    units: list[Unit]
+    class_names: list[str]
+    kind: str  # "dataset" | "manifest"
+    info: dict
+    total: int
+    rejects: list[dict]
+
+
+def _is_dataset(data: str) -> bool:
+    return storage.exists(storage.join(data, DATASET_FILE))
+
+
+def check_classes(model_classes: int, model_names: list[str] | None, input_names: list[str] | None, where: str) -> list[str]:
+    """The class names the job uses, or ClassMismatch naming both sides."""
+    if model_names and input_names and list(model_names) != list(input_names):
+        diff = [f"{i}: model {m!r} vs data {d!r}" for i, (m, d) in enumerate(zip(model_names, input_names)) if m != d]
+        raise ClassMismatch(
+            f"{where}: class names differ from the model's ({len(model_names)} vs {len(input_names)} classes; "
+            f"{'; '.join(diff[:5]) or 'one list is longer'})"
+        )
+    names = list(input_names or model_names or [])
+    if not names:
+        raise ClassMismatch(f"{where}: no class names (the model has no model.json; set class_names=[...])")
+    if len(names) != model_classes:
+        raise ClassMismatch(f"{where}: {len(names)} classes but the model has {model_classes}")
+    return names
+
+
+def plan_inputs(data: str, model_classes: int, model_names: list[str] | None, chunk: int) -> InputPlan:
+    """Resolve ``data`` into units; checks the class lists against the model before anything runs."""
+    if _is_dataset(data):
+        info = read_dataset(data)
+        names = check_classes(model_classes, model_names, info["classes"], f"dataset {data}")
+        units = [Unit(i, uri) for i, uri in enumerate(shard_uris(data, info))]
+        return InputPlan(units, names, "dataset", info, int(info["total_samples"]), [])
+    if not data.endswith((".jsonl", ".csv")):
+        raise FileNotFoundError(f"data={data!r}: neither a dataset (no {DATASET_FILE}) nor a .jsonl/.csv manifest")
+    storage.check_readable(data)
+    source = ManifestSource(SourceConfig(format="manifest", path=data, classes=list(model_names or [])))
+    entries, rejects, keys = [], [], {}
+    for item in source.entries():
+        if isinstance(item, Rejected):
+            rejects.append({"key": None, "id": item.id, "source": item.where, "reason": item.reason})
+            continue
+        try:
+            check_id(item.id)
+        except UnsafeId as exc:
+            rejects.append({"key": None, "id": item.id, "source": item.image, "reason": str(exc)})
+            continue
+        key = escape_id(item.id)
+        if key in keys:
+            rejects.append({"key": key, "id": item.id, "source": item.image, "reason": f"duplicate id (first at {keys[key]})"})
+            continue
+        keys[key] = item.image
+        entries.append(item)
+    names = check_classes(model_classes, model_names, source.class_names if not model_names else None, f"manifest {data}")
+    unknown = sorted({n for e in entries for n in e.labels} - set(names))
+    if unknown:
+        raise ClassMismatch(f"manifest {data}: labels {unknown[:10]} are not among the model's classes")
+    units = [Unit(i, data, tuple(entries[s : s + chunk])) for i, s in enumerate(range(0, len(entries), chunk))]
+    return InputPlan(units, names, "manifest", {"classes": names}, len(entries) + len(rejects), rejects)
+
+
+def _shard_sample(raw: dict, uri: str, class_index: dict[str, int]) -> Sample:
+    key = raw["__key__"]
+    try:
+        meta = json.loads(raw["json"])
+        sample_id, labels = str(meta["id"]), tuple(int(k) for k in meta["labels"])
+    except (KeyError, TypeError, ValueError) as exc:
+        return Sample(key, key, (), None, None, uri, f"bad sample metadata ({type(exc).__name__}: {exc})")
+    bad = [k for k in labels if not 0 <= k < len(class_index)]
+    image = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
+    error = f"labels {bad} outside 0..{len(class_index) - 1}" if bad else (None if image else "no jpg/png/webp member")
+    return Sample(key, sample_id, labels, image, raw.get("mask.png"), uri, error)
+
+
+def _manifest_sample(entry: Entry, class_index: dict[str, int]) -> Sample:
+    key = escape_id(entry.id)
+    labels = tuple(sorted(class_index[n] for n in entry.labels))
+    try:
+        image = storage.get_bytes(entry.image)
+    except (FileNotFoundError, OSError, storage.StorageError) as exc:
+        return Sample(key, entry.id, labels, None, None, entry.image, f"cannot read image ({type(exc).__name__}: {exc})")
+    gt = None
+    mask_uri = (entry.extra or {}).get("mask")
+    if mask_uri:
+        try:
+            gt = storage.get_bytes(mask_uri)
+        except (FileNotFoundError, OSError, storage.StorageError) as exc:
+            return Sample(key, entry.id, labels, None, None, mask_uri, f"cannot read GT mask ({type(exc).__name__}: {exc})")
+    return Sample(key, entry.id, labels, image, gt, entry.image)
+
+
+def unit_samples(unit: Unit, class_index: dict[str, int], skip: frozenset[str] | set[str] = frozenset()) -> Iterator[Sample | str]:
+    """The unit's samples to label, in order; keys in ``skip`` come back as bare strings (not read further)."""
+    if unit.is_shard:
+        for raw in shard_samples(unit.uri):
+            if raw["__key__"] in skip:
+                yield raw["__key__"]
+            else:
+                yield _shard_sample(raw, unit.uri, class_index)
+        return
+    for entry in unit.entries:
+        key = escape_id(entry.id)
+        yield key if key in skip else _manifest_sample(entry, class_index)

@@ -1,0 +1,84 @@
+"""Overlay previews and a contact sheet: people check masks by eye before they trust a million.
+
+Public API::
+
+    overlay(pixels, mask, class_names, title="", max_side=384) -> PIL.Image   # image | blend, legend below
+    contact_sheet(tiles, columns=4, tile=320) -> PIL.Image
+    png_bytes(image) -> bytes
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from system.masks import pascal_palette
+from system.refine import IGNORE_INDEX
+
+_ALPHA = 0.55
+_ROW = 16
+
+
+def _font():
+    return ImageFont.load_default()
+
+
+def _names(class_names: list[str]) -> dict[int, str]:
+    return {0: "background", IGNORE_INDEX: "ignore", **{k + 1: n for k, n in enumerate(class_names)}}
+
+
+def overlay(pixels: np.ndarray, mask: np.ndarray, class_names: list[str], title: str = "", max_side: int = 384) -> Image.Image:
+    """The image beside the image blended with the mask's PASCAL colours, a legend of the classes below."""
+    H, W = mask.shape
+    scale = min(1.0, max_side / max(H, W))
+    size = (max(1, round(W * scale)), max(1, round(H * scale)))
+    image = Image.fromarray(pixels).convert("RGB").resize(size, Image.BILINEAR)
+    small = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
+    palette = np.array(pascal_palette(), dtype=np.float32).reshape(256, 3)
+    base = np.asarray(image, dtype=np.float32)
+    colours = palette[small]
+    blend = np.where((small == 0)[..., None], base * 0.6, base * (1 - _ALPHA) + colours * _ALPHA)
+    names = _names(class_names)
+    values = [int(v) for v in np.unique(mask)]
+    gap = 4
+    width = 2 * size[0] + gap
+    legend_rows = max(1, -(-len(values) // max(1, width // 120)))
+    header = _ROW if title else 0
+    canvas = Image.new("RGB", (width, header + size[1] + legend_rows * _ROW + 4), (255, 255, 255))
+    canvas.paste(image, (0, header))
+    canvas.paste(Image.fromarray(blend.clip(0, 255).astype(np.uint8)), (size[0] + gap, header))
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    if title:
+        draw.text((2, 2), title, fill=(0, 0, 0), font=font)
+    per_row = max(1, width // 120)
+    for i, v in enumerate(values):
+        x = 2 + (i % per_row) * 120
+        y = header + size[1] + 2 + (i // per_row) * _ROW
+        colour = tuple(int(c) for c in palette[v])
+        draw.rectangle((x, y + 2, x + 10, y + 12), fill=colour, outline=(0, 0, 0))
+        fraction = float((mask == v).mean())
+        draw.text((x + 14, y), f"{names.get(v, str(v))} {100 * fraction:.0f}%", fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def contact_sheet(tiles: list[Image.Image], columns: int = 4, tile: int = 320) -> Image.Image:
+    """Tiles shrunk to fit ``tile`` x ``tile`` cells, in a grid."""
+    if not tiles:
+        raise ValueError("a contact sheet needs at least one tile")
+    columns = min(columns, len(tiles))
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * tile, rows * tile), (255, 255, 255))
+    for i, image in enumerate(tiles):
+        thumb = image.copy()
+        thumb.thumbnail((tile - 4, tile - 4), Image.BILINEAR)
+        sheet.paste(thumb, ((i % columns) * tile + 2, (i // columns) * tile + 2))
+    return sheet
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=False)
+    return out.getvalue()

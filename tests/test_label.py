@@ -1,0 +1,297 @@
+"""Labelling without Ray: inference matches the library, batching, outputs, consistency, previews.
+
+Also home of the helpers the Ray/S3 labelling tests share (tiny model, synthetic shard datasets).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from system import storage
+from system.cam import multi_scale_cam, predict_probs
+from system.data.ingest import finalize
+from system.data.shards import escape_id, shard_name, write_tar
+from system.data.sources.synthetic import class_names as synthetic_names
+from system.data.sources.synthetic import render
+from system.label.config import LabelConfig
+from system.label.infer import Decoded, Failure, Labeller, model_size, resolve_precision, size_batches, to_input
+from system.label.inputs import ClassMismatch, Sample, Unit, check_classes, plan_inputs, unit_samples
+from system.label.outputs import (
+    OutputWriter, confusion_from_lines, finalize_outputs, list_mask_keys, mask_line, mask_png, mask_stats, sparse_confusion,
+)
+from system.label.previews import contact_sheet, overlay
+from system.masks import decode_mask, encode_mask
+from system.metrics import ConfusionMatrix
+from system.model import build_clustercam, export_model
+from system.refine import denormalize, pseudo_labels
+
+K = 3
+NAMES = synthetic_names(K)
+TINY = dict(num_classes=K, embed_dim=48, depth=12, num_heads=6, img_size=64, drop_path_rate=0.0, decoder_channels=64)
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_clustercam(**TINY).eval()
+    # a fresh decoder predicts nearly uniform probabilities: sharpen it so argmax ties cannot occur
+    with torch.no_grad():
+        model.decoder.conv8.weight.mul_(40)
+    return model
+
+
+def export_tiny(dest: str, seed: int = 0, names=NAMES) -> str:
+    export_model(tiny_model(seed), dest, class_names=names, run_id=f"tiny-{seed}")
+    return dest
+
+
+def synthetic_sample(i: int, size: int = 64) -> tuple[str, list[tuple[str, bytes]], np.ndarray, list[int]]:
+    jpg, mask, classes = render(i, K, size, seed=3)
+    meta = {"id": f"img/{i}", "labels": classes, "width": size, "height": size, "source": "synthetic"}
+    members = [("jpg", jpg), ("json", json.dumps(meta).encode()), ("mask.png", encode_mask(mask))]
+    return escape_id(meta["id"]), members, mask, classes
+
+
+def write_dataset(root: str, samples: list[tuple[str, list[tuple[str, bytes]]]], shard_size: int = 4, names=NAMES) -> dict:
+    """A dataset in the ingest's exact format (shards, then dataset.json via ``finalize``)."""
+    parts = []
+    for index, start in enumerate(range(0, len(samples), shard_size)):
+        group = samples[start : start + shard_size]
+        with storage.open_write(storage.join(root, shard_name(index))) as f:
+            size, sha = write_tar(f, group)
+        masks = sum(any(ext == "mask.png" for ext, _ in members) for _, members in group)
+        parts.append({"name": shard_name(index), "samples": len(group), "masks": masks, "bytes": size, "sha256": sha, "rejects": []})
+    return finalize(root, "test", list(names), parts, [], len(samples), {"format": "test"})
+
+
+def jpeg(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+def labeller(model, **overrides) -> Labeller:
+    cfg = LabelConfig(model="m", data="d", output="o", **{"precision": "fp32", "batch_size": 4, **overrides})
+    return Labeller(model, cfg, NAMES)
+
+
+def sample(i: int, size: int = 64) -> Sample:
+    key, members, _, classes = synthetic_sample(i, size)
+    parts = dict(members)
+    return Sample(key, f"img/{i}", tuple(classes), parts["jpg"], parts["mask.png"], "test")
+
+
+def run_all(lab: Labeller, samples):
+    with ThreadPoolExecutor(2) as pool:
+        return list(lab.label(samples, pool))
+
+
+# ---- inference ---------------------------------------------------------------------------------
+
+
+def test_seg_masks_equal_predict_probs_argmax():
+    model = tiny_model()
+    samples = [sample(i) for i in range(5)]
+    out = run_all(labeller(model, restrict_to_tags=False, scales=[0.5, 1.0, 1.5]), samples)
+    assert [o.sample.key for o in out] == [s.key for s in samples]
+    x = torch.stack([to_input(np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB"))) for s in samples])
+    with torch.no_grad():
+        expected = predict_probs(model, x, (0.5, 1.0, 1.5)).argmax(1).numpy()
+    for o, e in zip(out, expected):
+        assert o.masks["seg"].shape == (64, 64) and o.masks["seg"].dtype == np.uint8
+        np.testing.assert_array_equal(o.masks["seg"], e)
+    assert len({tuple(np.unique(e)) for e in expected}) > 1 or len(np.unique(expected)) > 1  # not a constant map
+
+
+def test_tag_restriction_only_allows_background_and_tags():
+    model = tiny_model()
+    samples = [sample(i) for i in range(6)]
+    out = run_all(labeller(model, scales=[1.0]), samples)
+    x = torch.stack([to_input(np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB"))) for s in samples])
+    with torch.no_grad():
+        probs = predict_probs(model, x, (1.0,))
+    for o, s, p in zip(out, samples, probs):
+        allowed = torch.zeros(K + 1)
+        allowed[[0, *[k + 1 for k in s.labels]]] = 1
+        np.testing.assert_array_equal(o.masks["seg"], (p * allowed[:, None, None]).argmax(0).numpy())
+        assert set(np.unique(o.masks["seg"])) <= {0, *[k + 1 for k in s.labels]}
+    unrestricted = run_all(labeller(model, scales=[1.0], restrict_to_tags=False), samples)
+    assert any(not np.array_equal(a.masks["seg"], b.masks["seg"]) for a, b in zip(out, unrestricted))
+
+
+def test_cam_mode_equals_library_pseudo_labels():
+    model = tiny_model()
+    samples = [sample(i) for i in range(3)]
+    out = run_all(labeller(model, mode="cam", cam_scales=[1.0, 0.75]), samples)
+    x = torch.stack([to_input(np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB"))) for s in samples])
+    tags = torch.zeros(3, K)
+    for i, s in enumerate(samples):
+        tags[i, list(s.labels)] = 1
+    with torch.no_grad():
+        cams = multi_scale_cam(model, x, (1.0, 0.75)) * tags[:, :, None, None]
+        expected = pseudo_labels(denormalize(x), cams, tags)
+    for o, e, s in zip(out, expected, samples):
+        np.testing.assert_array_equal(o.masks["cam"], e.numpy())
+        assert set(np.unique(o.masks["cam"])) <= {0, 255, *[k + 1 for k in s.labels]}
+        assert 0 <= o.confidence["cam"] <= 1
+
+
+def test_large_and_small_images_are_resized_and_masks_come_back_at_full_size():
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    big = Sample("big", "big", (0,), jpeg(rng.integers(0, 255, (150, 260, 3), dtype=np.uint8)), None, "t")
+    tiny = Sample("tiny", "tiny", (1,), jpeg(rng.integers(0, 255, (12, 40, 3), dtype=np.uint8)), None, "t")
+    out = {o.sample.key: o for o in run_all(labeller(model, mode="both", max_side=96), [big, tiny])}
+    assert out["big"].model_size == (55, 96) and out["big"].masks["seg"].shape == (150, 260)
+    assert out["big"].masks["cam"].shape == (150, 260)
+    assert min(out["tiny"].model_size) >= 32 and out["tiny"].masks["seg"].shape == (12, 40)
+
+
+def test_unreadable_images_fail_alone_with_a_reason():
+    model = tiny_model()
+    good = [sample(i) for i in range(3)]
+    bad = Sample("bad", "bad", (0,), b"\xff\xd8 not a jpeg", None, "shard-x")
+    flagged = Sample("meta", "meta", (), None, None, "shard-x", "bad sample metadata (KeyError)")
+    wrong_gt = Sample("gt", "gt", (0,), good[0].image, encode_mask(np.zeros((5, 5), np.uint8)), "shard-x")
+    out = run_all(labeller(model, scales=[1.0]), [good[0], bad, good[1], flagged, wrong_gt, good[2]])
+    failures = {o.key: o.reason for o in out if isinstance(o, Failure)}
+    assert set(failures) == {"bad", "meta", "gt"}
+    assert failures["bad"].startswith("unreadable image") and "metadata" in failures["meta"] and "GT mask is 5x5" in failures["gt"]
+    assert sorted(o.sample.key for o in out if not isinstance(o, Failure)) == sorted(s.key for s in good)
+
+
+def test_size_batches_groups_equal_sizes_and_bounds_memory():
+    sizes = [(1, 1), (2, 2), (1, 1), (3, 3), (1, 1), (2, 2), (4, 4), (5, 5), (1, 1)]
+    batches = list(size_batches(list(enumerate(sizes)), lambda t: t[1], batch_size=3, max_held=5))
+    assert all(len({s for _, s in b}) == 1 and len(b) <= 3 for b in batches)
+    assert sorted(i for b in batches for i, _ in b) == list(range(len(sizes)))
+    assert [i for i, _ in batches[0]] == [0, 2, 4]  # a full bucket leaves at once
+    assert [i for i, _ in batches[1]] == [1, 5]  # five held: the fullest bucket leaves early
+
+
+def test_model_size_caps_and_floors():
+    assert model_size(375, 500, 1024, 32) == (375, 500)
+    assert model_size(2000, 3000, 1000, 32) == (667, 1000)
+    assert model_size(10, 100, 1000, 32) == (32, 320)
+
+
+def test_precision_auto_is_fp32_where_bf16_is_not_native():
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_precision("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
+    assert resolve_precision("fp32", torch.device("cpu")) is None
+    assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+
+
+# ---- outputs -----------------------------------------------------------------------------------
+
+
+def test_mask_png_carries_its_stats_line_and_stays_a_palette_png():
+    mask = np.array([[0, 1, 255], [2, 2, 0]], dtype=np.uint8)
+    line = {"key": "k", "classes": ["a"], "confusion": [[0, 0, 3]]}
+    png = mask_png(mask, line)
+    assert mask_line(png) == line and mask_line(mask_png(mask)) is None
+    np.testing.assert_array_equal(decode_mask(png), mask)
+    assert Image.open(io.BytesIO(png)).mode == "P"
+    stats = mask_stats(mask, ["a", "b"])
+    assert stats["classes"] == ["a", "b"]
+    assert stats["fractions"] == {"background": round(2 / 6, 6), "a": round(1 / 6, 6), "b": round(2 / 6, 6), "ignore": round(1 / 6, 6)}
+
+
+def test_sparse_confusion_sums_to_the_direct_matrix():
+    rng = np.random.default_rng(1)
+    gts = [rng.integers(0, 4, (7, 9)) for _ in range(3)]
+    preds = [np.where(rng.random((7, 9)) < 0.1, 255, rng.integers(0, 4, (7, 9))) for _ in range(3)]
+    gts[0][0, :] = 255
+    lines = [{"confusion": sparse_confusion(g, p, 4)} for g, p in zip(gts, preds)]
+    direct = ConfusionMatrix(4)
+    for g, p in zip(gts, preds):
+        direct.add(g, p)
+    summed = confusion_from_lines(lines, 4)
+    np.testing.assert_allclose(summed.iou(), direct.iou())
+    assert summed.miou() == pytest.approx(direct.miou())
+
+
+def test_writer_and_final_pass_recover_lines_a_killed_run_never_flushed(tmp_path):
+    out = str(tmp_path / "job")
+    cfg = LabelConfig(model="m", data="d", output=out, precision="fp32", scales=[1.0], flush_every=1000)
+    model = tiny_model()
+    results = run_all(Labeller(model, cfg, NAMES), [sample(i) for i in range(4)])
+    with ThreadPoolExecutor(2) as pool:
+        first = OutputWriter(cfg, NAMES, "run1", "a0", "model", pool)
+        for r in results[:2]:
+            first.submit(r)
+        first.close()
+        killed = OutputWriter(cfg, NAMES, "run1", "a1", "model", pool)
+        for r in results[2:]:
+            killed.submit(r)
+        killed.collect(wait=True)  # masks stored, lines still buffered: then the process dies
+    assert list_mask_keys(out) == {r.sample.key for r in results}
+    final = finalize_outputs(cfg, "run2", NAMES, {r.sample.key for r in results} | {"never"}, set())
+    assert final["stats_recovered"] == 2 and final["masks_without_stats"] == 0
+    assert final["missing_keys"] == ["never"]
+    direct = ConfusionMatrix(K + 1)
+    for r in results:
+        direct.add(r.gt, r.masks["seg"])
+    assert final["eval"]["seg"]["miou"] == pytest.approx(direct.miou())
+    lines = [json.loads(x) for p in (tmp_path / "job" / "stats").iterdir() for x in p.read_text().splitlines()]
+    assert sorted(line["key"] for line in lines) == sorted(r.sample.key for r in results)
+
+
+def test_previews_are_images_with_a_legend():
+    mask = np.zeros((60, 80), np.uint8)
+    mask[10:40, 10:50] = 2
+    mask[45:, :] = 255
+    image = overlay(np.full((60, 80, 3), 120, np.uint8), mask, NAMES, title="k")
+    assert image.size[0] == 2 * 80 + 4 and image.size[1] > 60
+    pixels = np.asarray(image)
+    assert (pixels == (0, 128, 0)).all(axis=-1).any()  # the legend swatch of class index 2 (PASCAL green)
+    sheet = contact_sheet([image] * 5, columns=4, tile=100)
+    assert sheet.size == (400, 200)
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+
+def test_class_checks():
+    assert check_classes(3, NAMES, NAMES, "d") == NAMES
+    assert check_classes(3, None, NAMES, "d") == NAMES
+    with pytest.raises(ClassMismatch, match="2 classes but the model has 3"):
+        check_classes(3, None, NAMES[:2], "d")
+    with pytest.raises(ClassMismatch, match="class names differ"):
+        check_classes(3, ["x", "y", "z"], NAMES, "dataset s3://d")
+    with pytest.raises(ClassMismatch, match="no class names"):
+        check_classes(3, None, None, "d")
+
+
+def test_manifest_units_and_unknown_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    rows = [{"id": f"m{i}", "image": f"{i}.png", "labels": [NAMES[i]]} for i in range(3)] + [{"id": "broken"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plan = plan_inputs(str(manifest), 3, NAMES, chunk=2)
+    assert plan.kind == "manifest" and [len(u.entries) for u in plan.units] == [2, 1] and plan.total == 4
+    assert len(plan.rejects) == 1
+    samples = list(unit_samples(plan.units[0], {n: k for k, n in enumerate(NAMES)}, skip={"m1"}))
+    assert samples[0].labels == (0,) and samples[0].image.startswith(b"\x89PNG") and samples[1] == "m1"
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "a", "image": "0.png", "labels": ["nope"]}) + "\n")
+    with pytest.raises(ClassMismatch, match="nope"):
+        plan_inputs(str(tmp_path / "bad.jsonl"), 3, NAMES, chunk=2)
+
+
+def test_shard_units_skip_done_keys_before_decoding(tmp_path):
+    samples = [synthetic_sample(i)[:2] for i in range(5)]
+    write_dataset(str(tmp_path / "ds"), samples, shard_size=3)
+    plan = plan_inputs(str(tmp_path / "ds"), 3, None, chunk=10)
+    assert plan.kind == "dataset" and len(plan.units) == 2 and plan.class_names == NAMES
+    got = list(unit_samples(plan.units[0], {n: k for k, n in enumerate(NAMES)}, skip={samples[1][0]}))
+    assert got[1] == samples[1][0] and isinstance(got[0], Sample) and got[0].gt is not None
+    with pytest.raises(ClassMismatch, match="3 classes but the model has 4"):
+        plan_inputs(str(tmp_path / "ds"), 4, None, chunk=10)
