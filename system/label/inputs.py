@@ -69,7 +69,7 @@ def _is_dataset(data: str) -> bool:
     return storage.exists(storage.join(data, DATASET_FILE))
 
 
-def check_classes(model_classes: int, model_names: list[str] | None, input_names: list[str] | None, where: str) -> list[str]:
+def check_classes(model_classes: int | None, model_names: list[str] | None, input_names: list[str] | None, where: str) -> list[str]:
     """The class names the job uses, or ClassMismatch naming both sides."""
     if model_names and input_names and list(model_names) != list(input_names):
         diff = [f"{i}: model {m!r} vs data {d!r}" for i, (m, d) in enumerate(zip(model_names, input_names)) if m != d]
@@ -80,13 +80,16 @@ def check_classes(model_classes: int, model_names: list[str] | None, input_names
     names = list(input_names or model_names or [])
     if not names:
         raise ClassMismatch(f"{where}: no class names (the model has no model.json; set class_names=[...])")
-    if len(names) != model_classes:
+    if model_classes is not None and len(names) != model_classes:
         raise ClassMismatch(f"{where}: {len(names)} classes but the model has {model_classes}")
     return names
 
 
-def plan_inputs(data: str, model_classes: int, model_names: list[str] | None, chunk: int) -> InputPlan:
-    """Resolve ``data`` into units; checks the class lists against the model before anything runs."""
+def plan_inputs(data: str, model_classes: int | None, model_names: list[str] | None, chunk: int) -> InputPlan:
+    """Resolve ``data`` into units; checks the class lists against the model before anything runs.
+
+    ``model_classes`` None (evaluation, no model) takes the input's classes as they are.
+    """
     if _is_dataset(data):
         info = read_dataset(data)
         names = check_classes(model_classes, model_names, info["classes"], f"dataset {data}")

@@ -22,7 +22,7 @@ Public API::
     mask_stats(mask, class_names) -> {"classes", "fractions"}
     sparse_confusion(gt, pred, n) -> [[gt, pred_or_n, count], ...];  confusion_from_lines(lines, n, path)
     OutputWriter(cfg, class_names, run_id, writer_id, model_id, pool)
-    list_mask_keys(output, cfg) -> set[str]
+    list_mask_keys(folder) -> set[str]
     finalize_outputs(cfg, run_id, class_names, seen, failed) -> dict
 """
 
@@ -193,9 +193,10 @@ def _round(value: float) -> float | None:
     return None if value != value else round(value, 5)
 
 
-def list_mask_keys(output: str, folder: str = "masks") -> set[str]:
-    prefix = storage.join(output, folder) + "/"
-    return {uri[len(prefix) : -4] for uri in storage.list_uris(storage.join(output, folder)) if uri.endswith(".png") and "/" not in uri[len(prefix) :]}
+def list_mask_keys(folder: str) -> set[str]:
+    """Keys of the ``<key>.png`` files directly in ``folder`` (one paginated listing)."""
+    prefix = folder.rstrip("/") + "/"
+    return {uri[len(prefix) : -4] for uri in storage.list_uris(folder) if uri.endswith(".png") and "/" not in uri[len(prefix) :]}
 
 
 def _read_parts(output: str, folder: str, pool: Executor) -> list[tuple[str, list[dict]]]:
@@ -212,7 +213,7 @@ def finalize_outputs(cfg: LabelConfig, run_id: str, class_names: list[str], seen
     """
     start = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
-        masks = list_mask_keys(cfg.output, "masks")
+        masks = list_mask_keys(storage.join(cfg.output, "masks"))
         lines: dict[str, dict] = {}
         for _uri, part in _read_parts(cfg.output, STATS_DIR, pool):
             for line in part:

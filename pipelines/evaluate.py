@@ -1,0 +1,101 @@
+"""mIoU and per-class IoU of any folder of masks against the GT masks a dataset carries.
+
+    python -m pipelines.evaluate masks=s3://b/labels/voc-val/masks data=s3://b/datasets/voc-val \\
+        [output=s3://b/labels/voc-val/eval.json]
+
+``masks`` holds ``<key>.png`` class-index (or PASCAL-coloured) PNGs, such as a labelling job's
+``masks/`` or the authors' ``--save_path``; ``data`` is a dataset (shards with ``mask.png``) or a
+manifest with ``mask`` fields. The metric is spec c.3's (255 in the GT is skipped; a 255 in a
+prediction counts as a miss). Images with GT but no predicted mask are counted and, by default,
+scored as all-wrong so a partial mask folder cannot look better than it is. Shards are read in
+parallel threads; no Ray is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from system import storage
+from system.config import option, parse_cli
+from system.label.inputs import ClassMismatch, Unit, plan_inputs, unit_samples
+from system.label.outputs import list_mask_keys
+from system.masks import decode_mask
+from system.metrics import ConfusionMatrix
+from system.refine import IGNORE_INDEX
+
+log = logging.getLogger("pipelines.evaluate")
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    """Evaluate a mask folder against a dataset's ground truth."""
+
+    masks: str = option(doc="folder or s3:// prefix of <key>.png masks")
+    data: str = option(doc="dataset URI (shards with mask.png) or manifest with a mask column")
+    output: str = option("", doc="where to write the result JSON (empty: only print it)")
+    class_names: list[str] = option(factory=list, doc="class names, needed only for a manifest without a fixed class list")
+    missing_as_wrong: bool = option(True, doc="score images with GT but no mask as all-ignore predictions (every GT pixel a miss)")
+    threads: int = option(8, doc="parallel shard readers")
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    storage.check_readable(cfg.data)
+    masks_root = cfg.masks.rstrip("/")
+    available = list_mask_keys(masks_root)
+    plan = plan_inputs(cfg.data, None, cfg.class_names or None, chunk=256)
+    names = plan.class_names
+    index = {name: k for k, name in enumerate(names)}
+    n = len(names) + 1
+
+    def one_unit(unit: Unit) -> tuple[ConfusionMatrix, int, int]:
+        cm, scored, missing = ConfusionMatrix(n), 0, 0
+        for sample in unit_samples(unit, index):
+            if sample.error or sample.gt is None:
+                continue
+            gt = decode_mask(sample.gt)
+            if sample.key in available:
+                pred = decode_mask(storage.get_bytes(storage.join(masks_root, f"{sample.key}.png")))
+                if pred.shape != gt.shape:
+                    raise ValueError(f"{masks_root}/{sample.key}.png is {pred.shape[1]}x{pred.shape[0]}, GT {gt.shape[1]}x{gt.shape[0]}")
+            elif cfg.missing_as_wrong:
+                pred = np.full_like(gt, IGNORE_INDEX)
+                missing += 1
+            else:
+                missing += 1
+                continue
+            cm.add(gt, pred)
+            scored += 1
+        return cm, scored, missing
+
+    total, scored, missing = ConfusionMatrix(n), 0, 0
+    with ThreadPoolExecutor(cfg.threads) as pool:
+        for cm, s, m in pool.map(one_unit, plan.units):
+            total.merge(cm)
+            scored += s
+            missing += m
+    if not scored:
+        raise ValueError(f"{cfg.data}: no image with a GT mask{' and a predicted mask' if not cfg.missing_as_wrong else ''}")
+    result = {"masks": cfg.masks, "data": cfg.data, "images": scored, "missing_masks": missing,
+              **total.summary(["background", *names])}
+    if cfg.output:
+        storage.put_bytes(cfg.output, (json.dumps(result, indent=1) + "\n").encode())
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = parse_cli(EvaluateConfig, argv, prog="python -m pipelines.evaluate")
+    try:
+        result = evaluate(cfg)
+    except (storage.StorageError, FileNotFoundError, ClassMismatch, ValueError) as exc:
+        raise SystemExit(f"evaluate failed: {exc}") from None
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
