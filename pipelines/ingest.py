@@ -23,6 +23,7 @@ from system.config import dump_yaml, option, parse_cli, to_dict
 from system.data import ingest
 from system.data.shards import shard_name
 from system.data.sources import SourceConfig, build_source
+from system.data.validate import Verify
 
 log = logging.getLogger("pipelines.ingest")
 
@@ -37,6 +38,7 @@ class IngestConfig:
     shard_size: int = option(1000, doc="inputs per shard (a shard holds fewer when some are rejected)")
     num_workers: int = option(2, doc="shards written in parallel (Ray tasks in flight)")
     max_pixels: int = option(50_000_000, doc="images with more pixels are rejected")
+    verify: Verify = option("decode", doc="decode: decode every image (JPEG at 1/8 scale); header: header + end marker only, near copy speed")
     progress_every_s: float = option(10.0, doc="seconds between progress lines")
 
 
@@ -79,13 +81,14 @@ def run(cfg: IngestConfig) -> dict:
         storage.check_readable(cfg.source.path)
     source = build_source(cfg.source)
     work = ingest.plan(source, cfg.shard_size)
-    settings = {"source": to_dict(cfg.source), "max_pixels": cfg.max_pixels}
-    prints = [ingest.fingerprint(group, source.class_names, settings) for group in work.groups]
+    settings = {"source": to_dict(cfg.source), "max_pixels": cfg.max_pixels, "verify": cfg.verify}
+    tasks = [ingest.ShardTask(i, group, output, source.class_names, ingest.fingerprint(group, source.class_names, settings),
+                              cfg.max_pixels, cfg.verify) for i, group in enumerate(work.groups)]
     storage.put_bytes(storage.join(output, "ingest.yaml"), dump_yaml(cfg).encode())
 
     def done_before(index: int) -> dict | None:
         record = ingest.read_part(output, index)
-        if record and record.get("fingerprint") == prints[index] and storage.exists(storage.join(output, shard_name(index))):
+        if record and record.get("fingerprint") == tasks[index].fingerprint and storage.exists(storage.join(output, shard_name(index))):
             return record
         return None
 
@@ -98,14 +101,14 @@ def run(cfg: IngestConfig) -> dict:
         ray = _start_ray()
         from workers.ingest import ingest_shard
 
-        task = ingest_shard.options(runtime_env={"env_vars": storage.aws_env()})
+        remote = ingest_shard.options(runtime_env={"env_vars": storage.aws_env()})
         progress = _Progress(len(todo), cfg.progress_every_s)
         pending: dict = {}
         queue = list(reversed(todo))
         while queue or pending:
             while queue and len(pending) < cfg.num_workers:
                 i = queue.pop()
-                ref = task.remote(source, i, work.groups[i], output, source.class_names, cfg.max_pixels, prints[i])
+                ref = remote.remote(source, tasks[i])
                 pending[ref] = i
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -174,17 +175,113 @@ def _local_atomic(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+class _Pipe:
+    """Bytes handed from a writer to boto3's upload thread, so a shard uploads while it is built.
+
+    The reader side is what ``upload_fileobj`` consumes. An exception put into the pipe is raised
+    in the reader, which makes s3transfer abort the (multipart) upload: a failed write leaves no
+    object, never a truncated one.
+    """
+
+    _CHUNK = 1 << 20
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue(maxsize=16)
+        self._pending = bytearray()
+        self._buffer = bytearray()
+        self._eof = False
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._eof and (size is None or size < 0 or len(self._buffer) < size):
+            item = self._queue.get()
+            if item is None:
+                self._eof = True
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                self._buffer += item
+        n = len(self._buffer) if size is None or size < 0 else min(size, len(self._buffer))
+        out = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return out
+
+    def readable(self) -> bool:
+        return True
+
+    def put(self, item, alive) -> None:
+        while True:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if not alive():
+                    return
+
+    def write(self, data: bytes, alive=lambda: True) -> int:
+        self._pending += data
+        self.size += len(data)
+        if len(self._pending) >= self._CHUNK:
+            self.put(bytes(self._pending), alive)
+            self._pending.clear()
+        return len(data)
+
+
+class _S3Writer:
+    def __init__(self, uri: str):
+        bucket, key = _split_s3(uri)
+        self.uri, self.pipe, self.error = uri, _Pipe(), None
+        client = _client()
+
+        def upload():
+            try:
+                client.upload_fileobj(self.pipe, bucket, key, Config=_TRANSFER)
+            except BaseException as exc:  # handed to the writer thread
+                self.error = exc
+
+        self.thread = threading.Thread(target=upload, name=f"upload {key}", daemon=True)
+        self.thread.start()
+
+    def write(self, data: bytes) -> int:
+        if self.error is not None:
+            raise self._failure()
+        return self.pipe.write(data, self.thread.is_alive)
+
+    def tell(self) -> int:
+        return self.pipe.size
+
+    def _failure(self) -> Exception:
+        if isinstance(self.error, botocore.exceptions.ClientError):
+            return _explain(self.uri, self.error)
+        return StorageError(f"{self.uri}: upload failed ({type(self.error).__name__}: {self.error})")
+
+    def finish(self) -> None:
+        self.pipe.put(bytes(self.pipe._pending), self.thread.is_alive)
+        self.pipe.put(None, self.thread.is_alive)
+        self.thread.join()
+        if self.error is not None:
+            raise self._failure()
+
+    def abort(self, exc: BaseException) -> None:
+        self.pipe.put(exc, self.thread.is_alive)
+        self.thread.join()
+
+
 @contextlib.contextmanager
 def open_write(uri: str) -> Iterator[BinaryIO]:
-    """Write big outputs (shards) without holding them in memory; nothing appears on failure."""
+    """Write big outputs (shards) as a stream: S3 uploads while the data is produced, nothing is
+    held in memory or on local disk, and nothing appears if the block fails."""
     if not is_s3(uri):
         with _local_atomic(_local(uri)) as tmp, open(tmp, "wb") as f:
             yield f
         return
-    with tempfile.NamedTemporaryFile(prefix="upload-", suffix=".part") as f:
-        yield f
-        f.flush()
-        upload_file(f.name, uri)
+    writer = _S3Writer(uri)
+    try:
+        yield writer
+    except BaseException as exc:
+        writer.abort(exc)
+        raise
+    writer.finish()
 
 
 def put_bytes(uri: str, data: bytes) -> None:

@@ -213,3 +213,15 @@ def test_tar_bytes_depend_only_on_content():
     members = tarfile.open(fileobj=io.BytesIO(one.getvalue())).getmembers()
     assert [m.name for m in members] == ["k1.jpg", "k1.json", "k2.png"]
     assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "", 0o444)}
+
+
+def test_header_verification_still_catches_truncation():
+    good = _jpeg(RGB)
+    png = _jpeg(RGB, None, "PNG")
+    assert inspect_image(good, 10**6, "header")[0] == "jpg"
+    assert inspect_image(png, 10**6, "header")[0] == "png"
+    assert inspect_image(_jpeg(RGB, None, "BMP"), 10**6, "header")[0] == "png"
+    for broken in (good[: len(good) - 40], png[: len(png) // 2]):
+        with pytest.raises(BadEntry) as info:
+            inspect_image(broken, 10**6, "header")
+        assert info.value.code == "corrupt"

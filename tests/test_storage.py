@@ -125,3 +125,25 @@ def test_aws_env_carries_only_aws_settings(s3_server):
 def test_join_handles_slashes():
     assert storage.join("s3://b/p/", "/x/", "y") == "s3://b/p/x/y"
     assert storage.join("/tmp/a", "b") == "/tmp/a/b"
+
+
+def test_open_write_streams_large_objects_and_leaves_nothing_on_failure(root):
+    uri = storage.join(root, "streamed.bin")
+    chunks = [os.urandom(1 << 20) for _ in range(10)]
+    with storage.open_write(uri) as f:
+        for chunk in chunks:
+            f.write(chunk)
+    assert storage.get_bytes(uri) == b"".join(chunks)
+    failed = storage.join(root, "failed.bin")
+    with pytest.raises(RuntimeError, match="producer broke"):
+        with storage.open_write(failed) as f:
+            for chunk in chunks:
+                f.write(chunk)
+            raise RuntimeError("producer broke")
+    small = storage.join(root, "failed-small.bin")
+    with pytest.raises(RuntimeError):
+        with storage.open_write(small) as f:
+            f.write(b"partial")
+            raise RuntimeError("producer broke")
+    assert not storage.exists(failed) and not storage.exists(small)
+    assert storage.list_uris(root) == [uri]

@@ -26,7 +26,7 @@ def build_dataset(uri: str, num_images: int = NUM_IMAGES, shard_size: int = SHAR
     source = build_source(SourceConfig(format="synthetic", num_images=num_images, num_classes=num_classes,
                                        image_size=SIZE, seed=3))
     work = ingest.plan(source, shard_size)
-    parts = [ingest.write_shard(source, i, g, uri, source.class_names, 10**7, "t") for i, g in enumerate(work.groups)]
+    parts = [ingest.write_shard(source, ingest.ShardTask(i, g, uri, source.class_names, "t")) for i, g in enumerate(work.groups)]
     return ingest.finalize(uri, "t", source.class_names, parts, work.rejects, work.inputs, {})
 
 
@@ -120,7 +120,7 @@ def test_eval_masks_are_ignore_when_dataset_has_none(tmp_path):
     uri = str(tmp_path / "nomask")
     source = build_source(SourceConfig(format="synthetic", num_images=3, num_classes=2, image_size=SIZE, masks=False))
     work = ingest.plan(source, 3)
-    part = ingest.write_shard(source, 0, work.groups[0], uri, source.class_names, 10**7, "t")
+    part = ingest.write_shard(source, ingest.ShardTask(0, work.groups[0], uri, source.class_names, "t"))
     ingest.finalize(uri, "x", source.class_names, [part], [], 3, {})
     batch = next(iter(eval_loader(uri, 3, 32)))
     assert (batch["masks"] == 255).all() and batch["images"].shape == (3, 3, 32, 32)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import botocore.exceptions
 import ray
 
-from system.data.ingest import write_shard
+from system.data.ingest import ShardTask, write_shard
 from system.storage import StorageError
 
 
 @ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError, StorageError, botocore.exceptions.BotoCoreError])
-def ingest_shard(source, index, entries, output, class_names, max_pixels, fingerprint) -> dict:
-    return write_shard(source, index, entries, output, class_names, max_pixels, fingerprint)
+def ingest_shard(source, task: ShardTask) -> dict:
+    return write_shard(source, task)

@@ -14,8 +14,9 @@ Public API::
 
     IngestPlan(groups, rejects, inputs); plan(source, shard_size) -> IngestPlan
     fingerprint(entries, class_names, settings) -> str
+    ShardTask(index, entries, output, class_names, fingerprint, max_pixels, verify)
     read_part(output, index) -> dict | None
-    write_shard(source, index, entries, output, class_names, max_pixels, fingerprint) -> dict
+    write_shard(source, task) -> dict
     finalize(output, name, class_names, parts, plan_rejects, inputs, source_settings) -> dict
 """
 
@@ -34,7 +35,7 @@ from system.data.shards import (
     DATASET_FILE, FORMAT_NAME, FORMAT_VERSION, REJECTS_FILE, UnsafeId, check_id, escape_id, shard_name, write_tar,
 )
 from system.data.sources import BadEntry, Entry, Rejected, Source
-from system.data.validate import sample_members
+from system.data.validate import Verify, sample_members
 
 PARTS_DIR = "_parts"
 
@@ -86,6 +87,19 @@ def fingerprint(entries: list[Entry], class_names: list[str], settings: dict) ->
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
+@dataclass
+class ShardTask:
+    """Everything one shard's task needs besides the source."""
+
+    index: int
+    entries: list[Entry]
+    output: str
+    class_names: list[str]
+    fingerprint: str
+    max_pixels: int = 50_000_000
+    verify: Verify = "decode"
+
+
 def _part_uri(output: str, index: int) -> str:
     return storage.join(output, PARTS_DIR, shard_name(index).replace(".tar", ".json"))
 
@@ -97,9 +111,9 @@ def read_part(output: str, index: int) -> dict | None:
         return None
 
 
-def _load_sample(source: Source, entry: Entry, class_index: dict[str, int], max_pixels: int):
+def _load_sample(source: Source, entry: Entry, class_index: dict[str, int], task: ShardTask):
     try:
-        return sample_members(entry, source.load(entry), class_index, max_pixels)
+        return sample_members(entry, source.load(entry), class_index, task.max_pixels, task.verify)
     except FileNotFoundError as exc:
         raise BadEntry("not_found", f"file not found: {exc.args[0] if exc.args else entry.image}") from None
     except BadEntry:
@@ -108,17 +122,16 @@ def _load_sample(source: Source, entry: Entry, class_index: dict[str, int], max_
         raise BadEntry("unreadable", f"unreadable input ({type(exc).__name__}: {exc})") from None
 
 
-def write_shard(source: Source, index: int, entries: list[Entry], output: str, class_names: list[str],
-                max_pixels: int, fingerprint: str) -> dict:
-    """Write shard ``index`` and then its record; returns the record (counts, sha256, rejects)."""
-    class_index = {name: i for i, name in enumerate(class_names)}
+def write_shard(source: Source, task: ShardTask) -> dict:
+    """Write shard ``task.index`` and then its record; returns the record (counts, sha256, rejects)."""
+    class_index = {name: i for i, name in enumerate(task.class_names)}
     rejects: list[dict] = []
     counts = {"samples": 0, "masks": 0}
 
     def samples():
-        for entry in entries:
+        for entry in task.entries:
             try:
-                members, has_mask = _load_sample(source, entry, class_index, max_pixels)
+                members, has_mask = _load_sample(source, entry, class_index, task)
             except BadEntry as exc:
                 rejects.append(_reject(entry.id, entry.image, exc.code, str(exc)))
                 continue
@@ -126,15 +139,15 @@ def write_shard(source: Source, index: int, entries: list[Entry], output: str, c
             counts["masks"] += int(has_mask)
             yield escape_id(entry.id), members
 
-    name = shard_name(index)
-    with storage.open_write(storage.join(output, name)) as f:
+    name = shard_name(task.index)
+    with storage.open_write(storage.join(task.output, name)) as f:
         size, digest = write_tar(f, samples())
     record = {
-        "index": index, "name": name, "fingerprint": fingerprint, "inputs": len(entries),
+        "index": task.index, "name": name, "fingerprint": task.fingerprint, "inputs": len(task.entries),
         "samples": counts["samples"], "masks": counts["masks"], "bytes": size, "sha256": digest,
         "rejects": rejects,
     }
-    storage.put_bytes(_part_uri(output, index), json.dumps(record, sort_keys=True, indent=1).encode())
+    storage.put_bytes(_part_uri(task.output, task.index), json.dumps(record, sort_keys=True, indent=1).encode())
     return record
 
 

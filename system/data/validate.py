@@ -6,13 +6,18 @@ that do not match the image. Greyscale, palette and alpha images are kept byte-f
 converts them to RGB when it decodes), and formats other than JPEG/PNG/WebP are re-encoded
 losslessly as PNG so every shard holds only formats every reader decodes.
 
-JPEGs are verified by decoding at 1/8 scale (libjpeg's DCT scaling): every byte of the entropy
-stream is still read, so truncation is caught, at a fraction of a full decode's cost.
+Two levels of checking (``verify``): ``decode`` decodes every image - JPEGs at 1/8 scale (libjpeg's
+DCT scaling still reads every byte of the entropy stream, so truncation and broken streams are
+caught at a fraction of a full decode's cost); ``header`` parses the header and checks that a JPEG
+ends with its EOI marker and that a PNG's chunks are intact (CRCs), which catches truncation at
+near copy speed but lets a JPEG with damaged entropy data through (libjpeg decodes those with a
+warning, not an error).
 
 Public API::
 
-    inspect_image(data, max_pixels) -> (ext, data, width, height)      # raises BadEntry
-    sample_members(entry, loaded, class_index, max_pixels) -> (members, has_mask)
+    Verify = Literal["decode", "header"]
+    inspect_image(data, max_pixels, verify="decode") -> (ext, data, width, height)   # raises BadEntry
+    sample_members(entry, loaded, class_index, max_pixels, verify="decode") -> (members, has_mask)
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from typing import Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -29,9 +35,20 @@ from system.masks import encode_mask
 
 _KEEP = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "La", "RGBa"}
+Verify = Literal["decode", "header"]
 
 
-def inspect_image(data: bytes, max_pixels: int) -> tuple[str, bytes, int, int]:
+def _check_structure(image: Image.Image, data: bytes) -> None:
+    if image.format == "JPEG":
+        if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+            raise OSError("image file is truncated (no end-of-image marker)")
+    elif image.format == "PNG":
+        image.verify()
+    else:
+        image.load()
+
+
+def inspect_image(data: bytes, max_pixels: int, verify: Verify = "decode") -> tuple[str, bytes, int, int]:
     if not data:
         raise BadEntry("empty", "empty file (0 bytes)")
     with warnings.catch_warnings():
@@ -55,22 +72,27 @@ def inspect_image(data: bytes, max_pixels: int) -> tuple[str, bytes, int, int]:
         raise BadEntry("unsupported_mode", f"unsupported image mode {image.mode}")
     fmt = image.format
     try:
-        if fmt == "JPEG":
-            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-        image.load()
+        if verify == "header":
+            _check_structure(image, data)
+        else:
+            if fmt == "JPEG":
+                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+            image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadEntry("corrupt", f"corrupt or truncated image ({exc})") from None
     if fmt in _KEEP:
         return _KEEP[fmt], data, width, height
+    if verify == "header":
+        image = Image.open(io.BytesIO(data))  # verify() leaves the image unusable
     out = io.BytesIO()
     image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB").save(out, format="PNG")
     return "png", out.getvalue(), width, height
 
 
-def sample_members(entry: Entry, loaded: Loaded, class_index: dict[str, int],
-                   max_pixels: int) -> tuple[list[tuple[str, bytes]], bool]:
+def sample_members(entry: Entry, loaded: Loaded, class_index: dict[str, int], max_pixels: int,
+                   verify: Verify = "decode") -> tuple[list[tuple[str, bytes]], bool]:
     """The tar members (extension, bytes) of one accepted sample, in a fixed order."""
-    ext, image, width, height = inspect_image(loaded.image, max_pixels)
+    ext, image, width, height = inspect_image(loaded.image, max_pixels, verify)
     unknown = [name for name in loaded.labels if name not in class_index]
     if unknown:
         raise BadEntry("unknown_class", f"unknown class name(s): {', '.join(map(repr, unknown))}")

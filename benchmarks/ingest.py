@@ -1,0 +1,107 @@
+"""Ingest throughput against a plain tar copy of the same bytes, both writing to the same S3 server.
+
+    python -m benchmarks.ingest [--images 2000] [--size 320] [--shard-size 250] [--workers 2]
+
+The baseline reads every source file and writes it unchanged into tar shards on the same storage, in
+one process: the I/O floor of any ingest. The ingest is the real pipeline (manifest source, Ray tasks,
+image checks, deterministic tars, part records, dataset.json). Ray start-up and worker start are
+excluded (a warm-up ingest runs first): they are a fixed cost that vanishes at dataset scale.
+Target: ingest images/s per core >= 0.5x the baseline's. The per-core comparison that means something
+is 1 Ray worker against the 1-process copy; with as many workers as cores the S3 server itself
+competes for the same cores (on a 2-core machine this understates per-core throughput).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from pipelines.ingest import IngestConfig, run
+from pipelines.stack import start_s3
+from system import storage
+from system.data.sources import SourceConfig
+from system.data.sources.synthetic import class_names, render
+
+
+def make_inputs(folder: Path, count: int, size: int) -> Path:
+    names = class_names(6)
+    lines = []
+    for i in range(count):
+        image, _, classes = render(i, 6, size, seed=1)
+        (folder / f"{i:06d}.jpg").write_bytes(image)
+        lines.append(json.dumps({"id": f"img{i:06d}", "image": f"{i:06d}.jpg", "labels": [names[k] for k in classes]}))
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def tar_copy(folder: Path, count: int, shard_size: int, output: str) -> None:
+    files = sorted(folder.glob("*.jpg"))[:count]
+    for start in range(0, len(files), shard_size):
+        with storage.open_write(storage.join(output, f"copy-{start // shard_size:06d}.tar")) as f:
+            with tarfile.open(fileobj=f, mode="w") as tar:
+                for path in files[start : start + shard_size]:
+                    data = path.read_bytes()
+                    info = tarfile.TarInfo(path.name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=320)
+    parser.add_argument("--shard-size", type=int, default=250)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args()
+
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        server = start_s3(tmp / "s3", buckets=("bench",))
+        os.environ.update(server.env())
+        try:
+            (tmp / "in").mkdir()
+            manifest = make_inputs(tmp / "in", args.images, args.size)
+            total_mb = sum(p.stat().st_size for p in (tmp / "in").glob("*.jpg")) / 2**20
+            print(f"{args.images} JPEGs of {args.size}x{args.size}, {total_mb:.1f} MiB, shards of {args.shard_size}, "
+                  f"{args.workers} ingest workers, S3 at {server.endpoint}")
+            ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+
+            def ingest(output: str, path: Path, workers: int, shard_size: int = args.shard_size,
+                       verify: str = "decode") -> float:
+                t0 = time.perf_counter()
+                run(IngestConfig(output=output, source=SourceConfig(format="manifest", path=str(path)),
+                                 shard_size=shard_size, num_workers=workers, verify=verify, progress_every_s=1e9))
+                return time.perf_counter() - t0
+
+            warm = tmp / "in" / "warm.jsonl"
+            warm.write_text("\n".join(manifest.read_text().splitlines()[: args.workers * 2]) + "\n")
+            ingest("s3://bench/warm", warm, args.workers, shard_size=2)
+
+            t0 = time.perf_counter()
+            tar_copy(tmp / "in", args.images, args.shard_size, "s3://bench/copy")
+            base = args.images / (time.perf_counter() - t0)
+            print(f"plain tar copy, 1 process:            {base:7.0f} images/s   {base:7.0f} images/s/core")
+            for verify in ("decode", "header"):
+                one = args.images / ingest(f"s3://bench/{verify}-1", manifest, 1, verify=verify)
+                many = args.images / ingest(f"s3://bench/{verify}-n", manifest, args.workers, verify=verify)
+                print(f"ingest verify={verify:6s}, 1 worker:   {one:7.0f} images/s   {one:7.0f} images/s/core   "
+                      f"ratio {one / base:.2f}x (target >= 0.5x)")
+                print(f"ingest verify={verify:6s}, {args.workers} workers:  {many:7.0f} images/s   "
+                      f"{many / args.workers:7.0f} images/s/core   ratio {many / base:.2f}x total, "
+                      f"{many / args.workers / base:.2f}x per core")
+        finally:
+            ray.shutdown()
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
