@@ -252,7 +252,7 @@ def test_previews_are_images_with_a_legend():
     pixels = np.asarray(image)
     assert (pixels == (0, 128, 0)).all(axis=-1).any()  # the legend swatch of class index 2 (PASCAL green)
     sheet = contact_sheet([image] * 5, columns=4, tile=100)
-    assert sheet.size == (400, 200)
+    assert sheet.size[0] == 400 and 2 * 100 * image.size[1] / image.size[0] < sheet.size[1] < 2 * image.size[1]
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -295,3 +295,24 @@ def test_shard_units_skip_done_keys_before_decoding(tmp_path):
     assert got[1] == samples[1][0] and isinstance(got[0], Sample) and got[0].gt is not None
     with pytest.raises(ClassMismatch, match="3 classes but the model has 4"):
         plan_inputs(str(tmp_path / "ds"), 4, None, chunk=10)
+
+
+def test_configs_and_cli_keys():
+    from pathlib import Path
+
+    from system.config import ConfigError, load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert load_config(LabelConfig, configs / "label.yaml").modes == ("seg",)
+    assert load_config(LabelConfig, configs / "label-tiny.yaml").modes == ("cam", "seg")
+    keys = ["model=m", "data=s3://b/d", "output=o", "mode=cam", "scales=[0.5, 1.0]", "batch_size=4", "num_actors=3"]
+    cfg = load_config(LabelConfig, None, keys)
+    assert (cfg.mode, cfg.scales, cfg.batch_size, cfg.num_actors, cfg.data) == ("cam", [0.5, 1.0], 4, 3, "s3://b/d")
+    with pytest.raises(ConfigError, match="batch_sise"):
+        load_config(LabelConfig, None, [*keys, "batch_sise=2"])
+    with pytest.raises(ConfigError, match="mode"):
+        load_config(LabelConfig, None, [*keys, "mode=crf"])
+    with pytest.raises(ConfigError, match="crf applies to seg"):
+        load_config(LabelConfig, None, [*keys, "crf=true"])
+    with pytest.raises(ConfigError, match="missing required config key: model"):
+        load_config(LabelConfig, None, keys[1:])

@@ -1,0 +1,149 @@
+"""Labelling throughput: our batched Labeller against the reference-style loop, in the same run.
+
+    .venv/bin/python -m benchmarks.label [--images 6] [--bf16-images 2] [--batch-size 3] [--threads 2]
+
+Model: the DeiT-S ClusterCAM (K=20, C=384, 12 blocks x 6 heads, LargeFOV decoder 512), random
+weights with the decoder's last layer scaled up so the probabilities are peaked as a trained
+model's are (a fresh decoder is near-uniform and its argmax is decided by rounding noise). Images:
+500x375 JPEGs (synthetic shapes). Both sides decode the JPEG, normalise, run the five test scales
+(0.5-1.5, spec c.1), take the argmax and encode the PNG, so the figures are images in -> masks out.
+
+- reference: ``benchmarks.naive.naive_predict_probs`` on ``NaiveClusterCAM`` (the authors' way of
+  computing: every attention map materialised), one image at a time, fp32;
+- ours fp32: ``system.label.infer.Labeller`` (fused attention, batches of same-size images,
+  decode threads), tag restriction off so masks are comparable; masks must be identical;
+- ours bf16: the same with bf16 autocast; pixel agreement with our fp32 masks is reported.
+
+FLOPs of one image (five scales) are counted with ``torch.utils.flop_counter`` to turn the measured
+throughput into an estimate for an accelerator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.naive import NaiveClusterCAM, naive_predict_probs
+from system.cam import INFER_SCALES, predict_probs
+from system.data.sources.synthetic import render
+from system.label.config import LabelConfig
+from system.label.infer import Labeller, to_input
+from system.label.inputs import Sample
+from system.label.outputs import mask_png
+from system.masks import encode_mask
+from system.model import build_clustercam
+
+H, W = 375, 500
+K = 20
+H100_BF16_DENSE_TFLOPS = 989.0
+
+
+def make_images(n: int) -> list[Sample]:
+    samples = []
+    for i in range(n):
+        jpg, _, classes = render(i, K, W, seed=11)
+        pixels = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"))[:H]
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+        samples.append(Sample(f"img{i}", f"img{i}", tuple(classes), out.getvalue(), None, "bench"))
+    return samples
+
+
+def make_models():
+    torch.manual_seed(0)
+    model = build_clustercam(num_classes=K, drop_path_rate=0.0).eval()
+    with torch.no_grad():
+        model.decoder.conv8.weight.mul_(20)
+    naive = NaiveClusterCAM(num_classes=K, drop_path_rate=0.0).eval()
+    naive.load_state_dict(model.state_dict(), strict=True)
+    return model, naive
+
+
+def reference(naive, samples) -> tuple[list[np.ndarray], float]:
+    start = time.perf_counter()
+    masks = []
+    for s in samples:
+        pixels = np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB"))
+        probs = naive_predict_probs(naive, to_input(pixels)[None], INFER_SCALES)
+        mask = probs[0].argmax(0).to(torch.uint8).numpy()
+        encode_mask(mask)
+        masks.append(mask)
+    return masks, time.perf_counter() - start
+
+
+def ours(model, samples, precision: str, batch_size: int) -> tuple[list[np.ndarray], float]:
+    cfg = LabelConfig(model="bench", data="bench", output="bench", precision=precision, batch_size=batch_size,
+                      restrict_to_tags=False, scales=list(INFER_SCALES))
+    labeller = Labeller(model, cfg, [f"c{k}" for k in range(K)])
+    start = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        results = {}
+        for r in labeller.label(samples, pool):
+            mask_png(r.masks["seg"], {"key": r.sample.key})
+            results[r.sample.key] = r.masks["seg"]
+    return [results[s.key] for s in samples], time.perf_counter() - start
+
+
+def flops_per_image(model) -> float:
+    x = torch.zeros(1, 3, H, W)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        predict_probs(model, x, INFER_SCALES)
+    return float(counter.get_total_flops())
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=6)
+    parser.add_argument("--bf16-images", type=int, default=2, help="bf16 is emulated (slow) on CPUs without AVX512-BF16")
+    parser.add_argument("--batch-size", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, naive = make_models()
+    samples = make_images(args.images)
+    ours(model, samples[:1], "fp32", 1)  # warm-up (allocator, oneDNN primitives) for both paths
+    reference(naive, samples[:1])
+
+    ref_masks, ref_s = reference(naive, samples)
+    fp32_masks, fp32_s = ours(model, samples, "fp32", args.batch_size)
+    identical = all(np.array_equal(a, b) for a, b in zip(ref_masks, fp32_masks))
+    differing = sum(int((a != b).sum()) for a, b in zip(ref_masks, fp32_masks))
+    rows = {
+        "reference fp32 (1 image at a time)": (args.images / ref_s, None),
+        f"ours fp32 (batch {args.batch_size})": (args.images / fp32_s, identical),
+    }
+    result = {"device": "cpu", "threads": args.threads, "images": args.images, "size": [W, H], "scales": list(INFER_SCALES),
+              "reference_images_per_s": args.images / ref_s, "fp32_images_per_s": args.images / fp32_s,
+              "fp32_speedup": ref_s / fp32_s, "fp32_identical_masks": identical, "fp32_differing_pixels": differing}
+    if args.bf16_images:
+        n = min(args.bf16_images, args.images)
+        bf16_masks, bf16_s = ours(model, samples[:n], "bf16", args.batch_size)
+        agree = float(np.mean([np.mean(a == b) for a, b in zip(bf16_masks, fp32_masks[:n])]))
+        rows[f"ours bf16 (batch {args.batch_size}, {n} images)"] = (n / bf16_s, agree)
+        result.update({"bf16_images_per_s": n / bf16_s, "bf16_speedup_vs_reference": (n / bf16_s) / (args.images / ref_s),
+                       "bf16_pixel_agreement_with_fp32": agree,
+                       "bf16_native_on_this_cpu": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())})
+    flops = flops_per_image(model)
+    result["gflops_per_image"] = flops / 1e9
+    result["cpu_achieved_gflops_fp32"] = flops * result["fp32_images_per_s"] / 1e9
+    for mfu in (0.25, 0.4):
+        result[f"h100_images_per_s_at_{int(mfu * 100)}pct_mfu"] = H100_BF16_DENSE_TFLOPS * 1e12 * mfu / flops
+    print(f"{'path':45s} {'images/s':>9s} {'x ref':>6s}  masks")
+    for name, (rate, check) in rows.items():
+        note = "" if check is None else (("identical" if check else f"{differing} px differ") if isinstance(check, bool) else f"{100 * check:.2f}% px = fp32")
+        print(f"{name:45s} {rate:9.3f} {rate / result['reference_images_per_s']:6.2f}  {note}")
+    print(f"FLOPs per 500x375 image, 5 scales: {flops / 1e9:.1f} GFLOP; this CPU reaches {result['cpu_achieved_gflops_fp32']:.0f} GFLOP/s in fp32")
+    print(f"H100 estimate (989 dense bf16 TFLOP/s): {result['h100_images_per_s_at_25pct_mfu']:.0f}-{result['h100_images_per_s_at_40pct_mfu']:.0f} images/s at 25-40% MFU")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
