@@ -1,0 +1,51 @@
+"""What the hardware does fast: the default precision follows it.
+
+bf16 autocast is a large win on GPUs and on CPUs with native bf16 instructions (AVX512-BF16, AMX),
+and a large loss elsewhere: without them PyTorch emulates bf16 matmuls, measured here ~50x slower
+than fp32 on an AVX2-only CPU. So "auto" picks bf16 only where it is native.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import lru_cache
+from typing import Literal
+
+import torch
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_native_bf16()
+
+
+def resolve_precision(precision: Precision, device: torch.device | str) -> Literal["fp32", "bf16", "fp16"]:
+    """``auto`` → bf16 where it is native on ``device``, else fp32; explicit choices pass through."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "fp16" and torch.device(device).type != "cuda":
+        raise ValueError("fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return precision
+
+
+def autocast(precision: str, device: torch.device | str):
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    device = torch.device(device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
