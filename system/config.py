@@ -79,7 +79,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = [a for a in get_args(tp) if a is not Ellipsis]
         items = [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
         return tuple(items) if origin is tuple else items
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
@@ -178,6 +178,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
         key, value = parse_override(text)
         _set_dotted(data, key, value)
     return _build(cls, data)
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    """Validate a plain mapping (e.g. ``to_dict`` output shipped to a Ray worker) into ``cls``."""
+    return _build(cls, dict(data))
 
 
 def parse_cli(cls: type[T], argv: typing.Sequence[str] | None = None, prog: str | None = None) -> T:

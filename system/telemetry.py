@@ -122,10 +122,13 @@ class Progress:
         log: Callable[[str], None] = log.info,
         every_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        start: int = 0,
     ):
+        """``start`` units were done before (a resumed job): they count for progress, not for rate."""
         self.total = total
         self.what = what
-        self.done = 0
+        self.done = start
+        self._start_done = start
         self._log = log
         self._every = every_s
         self._clock = clock
@@ -135,7 +138,7 @@ class Progress:
     @property
     def rate(self) -> float:
         elapsed = self._clock() - self._start
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return (self.done - self._start_done) / elapsed if elapsed > 0 else 0.0
 
     def line(self) -> str:
         rate = self.rate

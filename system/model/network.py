@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -288,7 +288,20 @@ class ClusterCAM(nn.Module):
         attn = feats.c2p.reshape(B, -1, r, c)
         return torch.cat([patch, attn], dim=1)
 
-    def forward(self, x: torch.Tensor, with_seg: bool = True) -> ClusterCAMOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        with_seg: bool = True,
+        task: Literal["logits", "cam", "segment"] = "logits",
+        n_layers: int = 3,
+        p2p_refine: bool = True,
+    ):
+        """Every use goes through ``forward`` so that hooks on the root module (ZeRO-3's parameter
+        gathering, DDP, profilers) see it; ``cam`` and ``segment`` are shorthands."""
+        if task == "cam":
+            return self._cam(x, n_layers, p2p_refine)
+        if task == "segment":
+            return self.decoder(self.feature_map(self.forward_features(x)))
         feats = self.forward_features(x)
         fmap = self.feature_map(feats)
         cls_logits = feats.x_cls.mean(dim=-1)
@@ -298,10 +311,13 @@ class ClusterCAM(nn.Module):
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:
         """Only the decoder logits (B,K+1,r,c): what test-time inference needs."""
-        return self.decoder(self.feature_map(self.forward_features(x)))
+        return self(x, task="segment")
 
     def cam(self, x: torch.Tensor, n_layers: int = 3, p2p_refine: bool = True) -> torch.Tensor:
         """The ClusterCAM of spec a.7, (B,K,r,c), unnormalised and detached from the head."""
+        return self(x, task="cam", n_layers=n_layers, p2p_refine=p2p_refine)
+
+    def _cam(self, x: torch.Tensor, n_layers: int, p2p_refine: bool) -> torch.Tensor:
         record = P2PRecord.SUM if p2p_refine else P2PRecord.NONE
         feats = self.forward_features(x, record)
         fmap = self.feature_map(feats)

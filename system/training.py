@@ -1,0 +1,213 @@
+"""The single-stage ClusterCAM training recipe, independent of Ray and DeepSpeed.
+
+``TrainConfig`` is the whole run config (what ``python -m pipelines.train`` parses); ``compute_loss``
+is one micro-batch of spec b.3: classification phase, or - from ``seg_start_epoch`` - multi-scale
+CAMs -> PAR pseudo labels -> segmentation loss. The distributed worker (workers/train.py) and a
+plain single-process loop (tests, benchmarks) both call it, which is what makes them comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Callable, Literal, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from system.cam import multi_scale_cam
+from system.config import option
+from system.data.stream import StreamConfig
+from system.losses import SEG_LOSS_WEIGHT, SegLossTerms, multilabel_loss, seg_loss_terms, upsample_segs
+from system.model import ClusterCAM, ClusterCAMConfig
+from system.optim import OptimConfig
+from system.refine import denormalize, pseudo_labels
+
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    epochs: int = option(80, "training epochs (VOC 80, COCO 60)")
+    seg_start_epoch: int = option(50, "first epoch of the segmentation phase (CAM -> pseudo labels -> seg loss)")
+    steps_per_epoch: int = option(
+        0, "optimizer steps per epoch; 0 = dataset samples // global batch (the authors' drop_last epoch)"
+    )
+    grad_accum: int = option(1, "micro-batches per optimizer step on each worker")
+    cam_scales: tuple[float, ...] = option((1.0, 0.75, 1.25), "scales of the training-time multi-scale CAM")
+    cam_train_mode: bool = option(True, "make training CAMs with drop path active, as the authors do (spec e.9)")
+    bg_threshold: float = option(0.4, "background threshold of the pseudo labels (VOC 0.40, COCO 0.43)")
+    ignore_delta: float = option(0.1, "half-width of the ignored band around bg_threshold")
+    seg_loss_weight: float = option(SEG_LOSS_WEIGHT, "weight of the segmentation loss")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every_steps: int = option(500, "save a checkpoint every N optimizer steps (and at every epoch end); 0 = epoch ends only")
+    keep: int = option(2, "checkpoints kept by Ray (oldest deleted first)")
+
+
+@dataclasses.dataclass
+class ValidationConfig:
+    data: str | None = option(None, "dataset URI with GT masks for mIoU; null = no validation")
+    every_epochs: int = option(5, "validate every N epochs (and after the last)")
+    image_size: int = option(448, "validation images are resized to this square size")
+    batch_size: int = option(4, "validation images per batch per worker")
+    scales: tuple[float, ...] = option((1.0,), "test-time scales of the segmentation head during validation")
+    max_batches: int = option(0, "stop each worker after N batches; 0 = the whole dataset")
+
+
+@dataclasses.dataclass
+class DeepSpeedConfig:
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "auto = bf16 on GPUs and bf16-native CPUs, fp32 elsewhere; fp16 (GPU) uses loss scaling"
+    )
+    offload_optimizer: bool = option(False, "ZeRO-Offload: optimizer states and step on the CPU")
+    offload_params: bool = option(False, "ZeRO-3 parameter offload to the CPU")
+    extra: dict = option(factory=dict, doc="raw DeepSpeed config keys merged last (expert use)")
+
+
+@dataclasses.dataclass
+class MetricsConfig:
+    port: int = option(0, "Prometheus port of worker rank 0 (rank r serves port + r); 0 = no HTTP endpoint")
+    addr: str = option("127.0.0.1", "address the metrics endpoint binds to")
+    log_every_steps: int = option(20, "log a progress line (rate, ETA, losses) every N optimizer steps")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Train ClusterCAM on a WebDataset dataset with Ray Train + DeepSpeed."""
+
+    data: str = option(None, "dataset URI (the directory holding dataset.json) - required")
+    output: str = option(None, "storage root URI; the run goes to <output>/runs/<run_name> - required")
+    run_name: str = option("clustercam", "run name; re-submitting the same name resumes its latest checkpoint")
+    num_workers: int = option(1, "Ray Train workers (one DeepSpeed rank each)")
+    use_gpu: bool = option(False, "one GPU per worker")
+    cpus_per_worker: float = option(1.0, "CPUs reserved per worker")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = option(
+        "PACK", "Ray placement of the workers (SPREAD = one per node where possible)"
+    )
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage 0-3")
+    max_steps: int = option(0, "stop after N optimizer steps (still checkpoint and export); 0 = run the schedule")
+    max_failures: int = option(3, "worker-group restarts Ray Train allows before the run fails")
+    seed: int = option(0, "seed of the model init, drop path and data order")
+    weights: str | None = option(
+        None, "initial weights: an ImageNet DeiT/ViT checkpoint (spec b.2) or a ClusterCAM checkpoint; null = random"
+    )
+    model: ClusterCAMConfig = option(factory=ClusterCAMConfig, doc="network shape")
+    stream: StreamConfig = option(factory=StreamConfig, doc="data stream; stream.batch_size is the micro-batch per worker")
+    schedule: ScheduleConfig = option(factory=ScheduleConfig, doc="epochs and the segmentation phase")
+    optim: OptimConfig = option(factory=OptimConfig, doc="AdamW and learning rate")
+    deepspeed: DeepSpeedConfig = option(factory=DeepSpeedConfig, doc="DeepSpeed engine")
+    checkpoint: CheckpointConfig = option(factory=CheckpointConfig, doc="checkpointing")
+    validation: ValidationConfig = option(factory=ValidationConfig, doc="validation")
+    metrics: MetricsConfig = option(factory=MetricsConfig, doc="telemetry")
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("data (the dataset URI) is required")
+        if not self.output:
+            raise ValueError("output (the storage root URI) is required")
+        if not 0 <= self.zero_stage <= 3:
+            raise ValueError(f"zero_stage must be 0..3, got {self.zero_stage}")
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.schedule.seg_start_epoch < 0 or self.schedule.epochs < 1:
+            raise ValueError("schedule.epochs must be >= 1 and schedule.seg_start_epoch >= 0")
+        if self.schedule.grad_accum < 1:
+            raise ValueError(f"schedule.grad_accum must be >= 1, got {self.schedule.grad_accum}")
+
+    @property
+    def global_batch(self) -> int:
+        return self.num_workers * self.stream.batch_size * self.schedule.grad_accum
+
+    def run_uri(self) -> str:
+        return self.output.rstrip("/") + "/runs/" + self.run_name
+
+
+class StepLosses(NamedTuple):
+    total: torch.Tensor  # what to backpropagate on this rank
+    cls: torch.Tensor
+    pat: torch.Tensor
+    seg: torch.Tensor | None  # the global-batch segmentation loss, for reporting
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def in_seg_phase(cfg: ScheduleConfig, epoch: int) -> bool:
+    return epoch >= cfg.seg_start_epoch
+
+
+def make_pseudo_labels(model: ClusterCAM, images: torch.Tensor, labels: torch.Tensor, cfg: ScheduleConfig) -> torch.Tensor:
+    """Spec b.3 step 2: multi-scale CAM (no grad) -> label-masked -> PAR pseudo labels."""
+    was_training = model.training
+    model.train(cfg.cam_train_mode)
+    try:
+        cams = multi_scale_cam(model, images, cfg.cam_scales)
+    finally:
+        model.train(was_training)
+    return pseudo_labels(denormalize(images), cams, labels, cfg.bg_threshold, cfg.ignore_delta)
+
+
+def compute_loss(
+    forward: Callable[..., object],
+    model: ClusterCAM,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epoch: int,
+    cfg: ScheduleConfig,
+    world_size: int = 1,
+) -> StepLosses:
+    """One micro-batch: the loss to backpropagate on this rank.
+
+    ``forward`` is the module call (a DeepSpeed engine or the model itself), ``model`` the bare
+    module used for the no-grad CAMs. With ``world_size`` > 1 the segmentation loss's pixel counts
+    are all-reduced so every pixel of the global batch weighs the same, as in the authors'
+    single-process run (spec e.19); the factor ``world_size`` undoes the gradient averaging.
+    """
+    seg_phase = in_seg_phase(cfg, epoch)
+    pseudo = make_pseudo_labels(model, images, labels, cfg) if seg_phase else None
+    out = forward(images, with_seg=seg_phase)
+    cls = multilabel_loss(out.cls_logits, labels)
+    pat = multilabel_loss(out.pat_logits, labels)
+    if pseudo is None:
+        return StepLosses(cls + pat, cls.detach(), pat.detach(), None)
+    terms = seg_loss_terms(upsample_segs(out.segs, tuple(pseudo.shape[-2:])), pseudo)
+    counts = _all_reduce(torch.stack([terms.bg_count, terms.fg_count]).detach())
+    local = _seg_from(terms, counts[0], counts[1])
+    seg_global = _all_reduce(local.detach())
+    total = cls + pat + cfg.seg_loss_weight * world_size * local
+    return StepLosses(total, cls.detach(), pat.detach(), seg_global)
+
+
+def _seg_from(terms: SegLossTerms, bg_count: torch.Tensor, fg_count: torch.Tensor) -> torch.Tensor:
+    """0.5 * (bg CE sum / global bg count + fg CE sum / global fg count); an empty side adds 0."""
+    bg = terms.bg_sum / bg_count.clamp_min(1)
+    fg = terms.fg_sum / fg_count.clamp_min(1)
+    return 0.5 * (bg + fg)
+
+
+def step_seed(seed: int, rank: int, micro_step: int) -> int:
+    """Per-micro-step seed (drop path): a resumed run replays exactly what the lost one would have."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{micro_step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def steps_per_epoch(cfg: TrainConfig, total_samples: int) -> int:
+    if cfg.schedule.steps_per_epoch > 0:
+        return cfg.schedule.steps_per_epoch
+    steps = total_samples // cfg.global_batch
+    if steps < 1:
+        raise ValueError(
+            f"{cfg.data}: {total_samples} samples are fewer than one global batch of {cfg.global_batch} "
+            "(num_workers x stream.batch_size x schedule.grad_accum)"
+        )
+    return steps
+
+
+def stream_config(cfg: TrainConfig, steps: int) -> StreamConfig:
+    """The per-rank stream: exactly ``steps * grad_accum`` micro-batches per epoch on every rank."""
+    return dataclasses.replace(cfg.stream, epoch_batches=steps * cfg.schedule.grad_accum)
