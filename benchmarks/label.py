@@ -71,7 +71,7 @@ def reference(naive, samples) -> tuple[list[np.ndarray], float]:
     start = time.perf_counter()
     masks = []
     for s in samples:
-        pixels = np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB"))
+        pixels = np.array(Image.open(io.BytesIO(s.image)).convert("RGB"))
         probs = naive_predict_probs(naive, to_input(pixels)[None], INFER_SCALES)
         mask = probs[0].argmax(0).to(torch.uint8).numpy()
         encode_mask(mask)

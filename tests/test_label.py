@@ -21,8 +21,8 @@ from system.data.shards import escape_id, shard_name, write_tar
 from system.data.sources.synthetic import class_names as synthetic_names
 from system.data.sources.synthetic import render
 from system.label.config import LabelConfig
-from system.label.infer import Decoded, Failure, Labeller, model_size, resolve_precision, size_batches, to_input
-from system.label.inputs import ClassMismatch, Sample, Unit, check_classes, plan_inputs, unit_samples
+from system.label.infer import Failure, Labeller, model_size, resolve_precision, size_batches, to_input
+from system.label.inputs import ClassMismatch, Sample, check_classes, plan_inputs, unit_samples
 from system.label.outputs import (
     OutputWriter, confusion_from_lines, finalize_outputs, list_mask_keys, mask_line, mask_png, mask_stats, sparse_confusion,
 )
@@ -100,7 +100,7 @@ def test_seg_masks_equal_predict_probs_argmax():
     samples = [sample(i) for i in range(5)]
     out = run_all(labeller(model, restrict_to_tags=False, scales=[0.5, 1.0, 1.5]), samples)
     assert [o.sample.key for o in out] == [s.key for s in samples]
-    x = torch.stack([to_input(np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB"))) for s in samples])
+    x = torch.stack([to_input(np.array(Image.open(io.BytesIO(s.image)).convert("RGB"))) for s in samples])
     with torch.no_grad():
         expected = predict_probs(model, x, (0.5, 1.0, 1.5)).argmax(1).numpy()
     for o, e in zip(out, expected):
@@ -113,7 +113,7 @@ def test_tag_restriction_only_allows_background_and_tags():
     model = tiny_model()
     samples = [sample(i) for i in range(6)]
     out = run_all(labeller(model, scales=[1.0]), samples)
-    x = torch.stack([to_input(np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB"))) for s in samples])
+    x = torch.stack([to_input(np.array(Image.open(io.BytesIO(s.image)).convert("RGB"))) for s in samples])
     with torch.no_grad():
         probs = predict_probs(model, x, (1.0,))
     for o, s, p in zip(out, samples, probs):
@@ -129,7 +129,7 @@ def test_cam_mode_equals_library_pseudo_labels():
     model = tiny_model()
     samples = [sample(i) for i in range(3)]
     out = run_all(labeller(model, mode="cam", cam_scales=[1.0, 0.75]), samples)
-    x = torch.stack([to_input(np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB"))) for s in samples])
+    x = torch.stack([to_input(np.array(Image.open(io.BytesIO(s.image)).convert("RGB"))) for s in samples])
     tags = torch.zeros(3, K)
     for i, s in enumerate(samples):
         tags[i, list(s.labels)] = 1
