@@ -7,14 +7,15 @@ SIGKILLs it half-way.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -126,16 +127,6 @@ def test_seg_job_reports_failures_stats_eval_and_previews(seg_job):
     assert sheet.size[0] >= 320 and sheet.mode == "RGB"
 
 
-def test_seg_job_rerun_skips_everything(seg_job):
-    cfg, job, samples = seg_job
-    before = {u: storage.get_bytes(u) for u in storage.list_uris(storage.join(cfg.output, "masks"))}
-    again = run(dataclasses.replace(cfg, num_actors=1))
-    assert again["counts"]["written"] == 0 and again["counts"]["skipped_existing"] == 12
-    assert again["counts"]["failed"] == 1 and again["complete"]
-    assert again["eval"]["seg"]["miou"] == pytest.approx(job["eval"]["seg"]["miou"], abs=1e-12)
-    assert {u: storage.get_bytes(u) for u in storage.list_uris(storage.join(cfg.output, "masks"))} == before
-
-
 def test_class_mismatch_stops_before_anything_runs(s3_root, ray_cluster):
     write_dataset(f"{s3_root}/data", [synthetic_sample(i)[:2] for i in range(2)])
     model_uri = export_tiny(f"{s3_root}/model", names=None)
@@ -158,9 +149,12 @@ def test_manifest_both_modes(s3_root, ray_cluster):
     rows.append({"id": "gone", "image": "images/missing.jpg", "labels": []})
     storage.put_bytes(f"{s3_root}/manifest.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     model_uri = export_tiny(f"{s3_root}/model")
+    port = _free_port()
     cfg = LabelConfig(model=model_uri, data=f"{s3_root}/manifest.jsonl", output=f"{s3_root}/out", mode="both",
-                      scales=[1.0], cam_scales=[1.0], precision="fp32", num_previews=2)
+                      scales=[1.0], cam_scales=[1.0], precision="fp32", num_previews=2, metrics_port=port)
     job = run(cfg)
+    assert job["actors"][0]["metrics_port"] == port + 1
+    assert "clustercam_label_queue_depth 0.0" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     assert job["counts"]["written"] == 3 and job["counts"]["failed"] == 1
     assert "cannot read image" in job["failures"][0]["reason"]
     for i, row in enumerate(rows[:3]):
@@ -171,6 +165,12 @@ def test_manifest_both_modes(s3_root, ray_cluster):
         line = mask_line(storage.get_bytes(storage.join(cfg.output, "masks", f"{row['id']}.png")))
         assert line["mode"] == "seg" and "fractions" in line["cam"]
     assert job["eval"] == {}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _stats_lines(cfg) -> list[dict]:
@@ -190,7 +190,8 @@ def _masks_with_times(cfg) -> dict[str, tuple]:
 
 def test_killed_job_rerun_writes_each_remaining_mask_once(s3_root, ray_cluster):
     n = 40
-    write_dataset(f"{s3_root}/data", [synthetic_sample(i)[:2] for i in range(n)], shard_size=20)
+    samples = [synthetic_sample(i) for i in range(n)]
+    write_dataset(f"{s3_root}/data", [s[:2] for s in samples], shard_size=20)
     model_uri = export_tiny(f"{s3_root}/model")
     args = [f"model={model_uri}", f"data={s3_root}/data", f"output={s3_root}/out", "mode=seg", "scales=[0.5,1.0,1.5]",
             "batch_size=1", "num_actors=1", "precision=fp32", "flush_every=1000", "threads_per_actor=1"]
@@ -231,3 +232,7 @@ def test_killed_job_rerun_writes_each_remaining_mask_once(s3_root, ray_cluster):
     assert {line["key"] for line in lines if line["run"] == job["run"]} == set(after) - set(before)
     # masks of the killed run whose lines were still buffered get them back from their PNG
     assert job["consistency"]["stats_recovered"] == len(before) - len(flushed)
+    direct = ConfusionMatrix(K + 1)  # the evaluation covers both runs' masks exactly
+    for key, members, gt, _ in samples:
+        direct.add(gt, _read_mask(cfg, key))
+    assert job["eval"]["seg"]["miou"] == pytest.approx(direct.miou(), abs=1e-12) and job["eval"]["seg"]["images"] == n

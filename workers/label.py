@@ -5,6 +5,10 @@ current one returns. Inside a call, reading the shard, decoding, the model and t
 overlap (threads around the model), so the device waits on nothing but its own work. Keys that
 already have a mask (the driver's one listing, shared through the object store) are skipped before
 their images are decoded.
+
+Progress shows three ways: a Ray progress bar per actor (rendered by the driver), the driver's
+rate/ETA log lines, and Prometheus series per actor (images, failures by reason, batch seconds,
+images/s).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import ray
 import torch
+from ray.experimental import tqdm_ray
 
 from system.label.config import LabelConfig
 from system.label.infer import Failure, Labeller
@@ -45,6 +50,7 @@ class LabelActor:
         self.writer = OutputWriter(cfg, class_names, run_id, f"a{index}-{uuid.uuid4().hex[:6]}", model_id, self.pool)
         self.metrics = label_metrics()
         self.metrics_port = start_metrics_server(cfg.metrics_port + 1 + index) if cfg.metrics_port else None
+        self.bar = tqdm_ray.tqdm(desc=f"label actor {index}", unit="img", position=index)
 
     def info(self) -> dict:
         return {"actor": self.name, "pid": os.getpid(), "device": str(self.device), "precision": self.labeller.precision,
@@ -82,6 +88,7 @@ class LabelActor:
                     fail(item)
                     continue
                 self.metrics.images.labels(self.name).inc()
+                self.bar.update(1)
                 if len(shown) < previews:
                     mode = self.cfg.modes[-1]
                     title = f"{item.sample.key} [{mode}] tags: {', '.join(self.class_names[k] for k in item.sample.labels) or '-'}"
