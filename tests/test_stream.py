@@ -61,7 +61,9 @@ def test_every_sample_once_per_epoch_across_2_ranks_x_2_workers(dataset):
 def test_resampled_ranks_take_equal_steps_of_full_batches(dataset):
     counts = []
     for rank in (0, 1):
-        batches = list(train_loader(dataset, rank, 2, _cfg(resampled=True, epoch_batches=5)))
+        loader = train_loader(dataset, rank, 2, _cfg(resampled=True, epoch_batches=5))
+        assert len(loader) == 5
+        batches = list(loader)
         assert all(images.shape[0] == 3 for images, _ in batches)
         counts.append(len(batches))
     assert counts == [5, 5]
@@ -94,7 +96,7 @@ def test_skip_batches_resumes_mid_epoch_exactly(dataset, skip):
     cfg = _cfg(augment="paper", epoch_batches=7)
     full = list(train_loader(dataset, 1, 2, cfg, epoch=1))
     resumed = list(train_loader(dataset, 1, 2, cfg, epoch=1, skip_batches=skip))
-    assert len(full) == 7 and len(resumed) == 7 - skip
+    assert len(full) == 7 and len(resumed) == 7 - skip == len(train_loader(dataset, 1, 2, cfg, 1, skip))
     for (a_img, a_lab), (b_img, b_lab) in zip(full[skip:], resumed):
         assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)
 
@@ -186,3 +188,19 @@ def test_too_few_shards_without_resampling_is_a_clear_error(dataset):
 def test_missing_dataset_is_a_clear_error(s3_root):
     with pytest.raises(FileNotFoundError, match="no dataset.json"):
         train_loader(s3_root, 0, 1, _cfg())
+
+
+def test_paper_augmentation_survives_zero_bit_posterize():
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+
+    from system.data.transforms import ImageTransform
+
+    transform = ImageTransform("paper", 32)
+    rand = next(t for t in transform.pipeline.transforms if isinstance(t, RandAugment))
+    posterize = next(op for op in rand.ops if op.name.startswith("Posterize"))
+    posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0
+    image = Image.new("RGB", (32, 32), (200, 100, 50))
+    assert posterize(image).getextrema() == ((0, 0), (0, 0), (0, 0))
+    rand.ops = [posterize]
+    assert transform(image).shape == (3, 32, 32)

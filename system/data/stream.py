@@ -4,9 +4,10 @@ Public API::
 
     StreamConfig                       # batch_size, image_size, augment, num_workers, shuffle_buffer,
                                        # seed, resampled, epoch_batches, retries
-    train_loader(dataset_uri, rank, world_size, cfg, epoch=0, skip_batches=0) -> DataLoader
-        yields (images (B,3,S,S) float32 ImageNet-normalised, labels (B,K) float32 multi-hot)
-    eval_loader(dataset_uri, batch_size, image_size, rank=0, world_size=1, num_workers=0) -> DataLoader
+    train_loader(dataset_uri, rank, world_size, cfg, epoch=0, skip_batches=0) -> Loader
+        yields (images (B,3,S,S) float32 ImageNet-normalised, labels (B,K) float32 multi-hot);
+        len(loader) = batches this call yields (resampled streams)
+    eval_loader(dataset_uri, batch_size, image_size, rank=0, world_size=1, num_workers=0) -> Loader
         yields {"images", "labels", "masks" (B,S,S) int64 with 255 where absent/ignored, "keys"}
     epoch_batches(info, world_size, cfg) -> int          # steps per rank per epoch
     shard_samples(url, retries=5) -> iterator of raw samples of one shard, resuming after read errors
@@ -53,7 +54,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from system import storage
 from system.config import option
 from system.data.shards import read_dataset, shard_uris
-from system.data.transforms import Augment, build_transform, decode_rgb, resize_mask
+from system.data.transforms import Augment, ImageTransform, decode_rgb, resize_mask
 from system.masks import decode_mask
 
 _IMAGE_EXTS = ("jpg", "png", "webp")
@@ -112,6 +113,12 @@ def shard_samples(url: str, retries: int = 5) -> Iterator[dict]:
             time.sleep(min(0.2 * 2**attempt, 5.0))
 
 
+def _multi_hot(sample: dict, num_classes: int) -> np.ndarray:
+    labels = np.zeros(num_classes, dtype=np.float32)
+    labels[json.loads(sample["json"])["labels"]] = 1.0
+    return labels
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
@@ -124,7 +131,7 @@ def _seeded(seed: int):
     py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.random.default_generator.manual_seed(seed)  # torch.manual_seed also queues CUDA seeding: ms per call
     try:
         yield
     finally:
@@ -134,7 +141,13 @@ def _seeded(seed: int):
 
 
 def _mix(*parts: int) -> int:
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+    """A 32-bit seed from integers (splitmix64 steps): cheap enough to run once per sample."""
+    x = 0x9E3779B97F4A7C15
+    for part in parts:
+        x = ((x ^ (part & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0xFFFFFFFF
 
 
 class _TrainStream(IterableDataset):
@@ -154,22 +167,25 @@ class _TrainStream(IterableDataset):
         random.Random(_mix(self.cfg.seed, self.epoch, 2)).shuffle(order)
         yield from order[self.rank :: self.world_size][role::roles]
 
-    def _decode(self, sample: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, sample: dict, seed: int) -> tuple:
         ext = next((e for e in _IMAGE_EXTS if e in sample), None)
         if ext is None:
             raise ValueError(f"sample {sample['__key__']} in {sample['__url__']} has no image")
-        draft = self.cfg.image_size if self.cfg.augment == "light" else None
-        image = decode_rgb(sample[ext], draft)
-        with _seeded(seed):
-            tensor = self.transform(image)
-        labels = torch.zeros(self.num_classes, dtype=torch.float32)
-        labels[json.loads(sample["json"])["labels"]] = 1.0
-        return tensor, labels
+        image = decode_rgb(sample[ext], None if self.cfg.augment == "paper" else self.cfg.image_size)
+        if self.transform.random:
+            with _seeded(seed):
+                item = self.transform(image)
+        else:
+            item = self.transform(image)
+        return item, _multi_hot(sample, self.num_classes)
+
+    def _collate(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform.collate([b[0] for b in batch]), torch.from_numpy(np.stack([b[1] for b in batch]))
 
     def __iter__(self):
         worker, roles = _worker()
         role = (worker + self.skip) % roles
-        self.transform = build_transform(self.cfg.augment, self.cfg.image_size)
+        self.transform = ImageTransform(self.cfg.augment, self.cfg.image_size)
         skipped_batches = len(range(role, self.skip, roles))
         raw = (s for url in self._shards(role, roles) for s in shard_samples(url, self.cfg.retries))
         bufsize = max(1, self.cfg.shuffle_buffer)
@@ -187,17 +203,37 @@ class _TrainStream(IterableDataset):
                 continue
             batch.append(self._decode(sample, _mix(self.cfg.seed, self.epoch, self.rank, role, 4, number)))
             if len(batch) == size:
-                yield torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+                yield self._collate(batch)
                 batch = []
                 produced += 1
                 if produced >= quota:
                     return
         if batch:
-            yield torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+            yield self._collate(batch)
+
+
+class Loader:
+    """A DataLoader whose batches are finished (converted, normalised) in the consuming process."""
+
+    def __init__(self, dataloader: DataLoader, transform: ImageTransform, batches: int | None):
+        self.dataloader, self.transform, self.batches = dataloader, transform, batches
+
+    def __iter__(self):
+        for batch in self.dataloader:
+            if isinstance(batch, dict):
+                yield batch | {"images": self.transform.finish(batch["images"])}
+            else:
+                images, labels = batch
+                yield self.transform.finish(images), labels
+
+    def __len__(self) -> int:
+        if self.batches is None:
+            raise TypeError("the number of batches is only fixed for resampled streams")
+        return self.batches
 
 
 def train_loader(dataset_uri: str, rank: int, world_size: int, cfg: StreamConfig, epoch: int = 0,
-                 skip_batches: int = 0) -> DataLoader:
+                 skip_batches: int = 0) -> Loader:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     info = read_dataset(dataset_uri)
@@ -207,12 +243,14 @@ def train_loader(dataset_uri: str, rank: int, world_size: int, cfg: StreamConfig
     if not cfg.resampled and len(urls) < world_size * max(1, cfg.num_workers):
         raise ValueError(f"{dataset_uri}: {len(urls)} shards cannot feed {world_size} ranks x {cfg.num_workers} workers "
                          "without resampling (set resampled=true or write smaller shards)")
-    stream = _TrainStream(urls, len(info["classes"]), rank, world_size, cfg, epoch, skip_batches,
-                          epoch_batches(info, world_size, cfg))
+    batches = epoch_batches(info, world_size, cfg)
+    stream = _TrainStream(urls, len(info["classes"]), rank, world_size, cfg, epoch, skip_batches, batches)
     # An own generator: DataLoader otherwise draws its base seed from the caller's global torch RNG.
     generator = torch.Generator().manual_seed(_mix(cfg.seed, epoch, rank, 5))
-    return DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, generator=generator,
-                      prefetch_factor=4 if cfg.num_workers else None, persistent_workers=False)
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, generator=generator,
+                        prefetch_factor=4 if cfg.num_workers else None, persistent_workers=False)
+    return Loader(loader, ImageTransform(cfg.augment, cfg.image_size),
+                  max(0, batches - skip_batches) if cfg.resampled else None)
 
 
 class _EvalStream(IterableDataset):
@@ -220,11 +258,10 @@ class _EvalStream(IterableDataset):
         self.urls, self.num_classes, self.batch_size, self.image_size = urls, num_classes, batch_size, image_size
         self.rank, self.world_size = rank, world_size
 
-    def _decode(self, sample: dict, transform) -> tuple:
+    def _decode(self, sample: dict, transform: ImageTransform) -> tuple:
         ext = next(e for e in _IMAGE_EXTS if e in sample)
         image = transform(decode_rgb(sample[ext]))
-        labels = torch.zeros(self.num_classes, dtype=torch.float32)
-        labels[json.loads(sample["json"])["labels"]] = 1.0
+        labels = _multi_hot(sample, self.num_classes)
         if "mask.png" in sample:
             mask = torch.from_numpy(resize_mask(decode_mask(sample["mask.png"]), self.image_size).astype(np.int64))
         else:
@@ -233,27 +270,28 @@ class _EvalStream(IterableDataset):
 
     def __iter__(self):
         worker, workers = _worker()
-        transform = build_transform("none", self.image_size)
+        transform = ImageTransform("none", self.image_size)
         urls = self.urls[self.rank :: self.world_size][worker::workers]
         batch: list = []
         for url in urls:
             for sample in shard_samples(url):
                 batch.append(self._decode(sample, transform))
                 if len(batch) == self.batch_size:
-                    yield self._collate(batch)
+                    yield self._collate(batch, transform)
                     batch = []
         if batch:
-            yield self._collate(batch)
+            yield self._collate(batch, transform)
 
     @staticmethod
-    def _collate(batch: list) -> dict:
+    def _collate(batch: list, transform: ImageTransform) -> dict:
         images, labels, masks, keys = zip(*batch)
-        return {"images": torch.stack(images), "labels": torch.stack(labels), "masks": torch.stack(masks),
+        return {"images": transform.collate(list(images)), "labels": torch.from_numpy(np.stack(labels)), "masks": torch.stack(masks),
                 "keys": list(keys)}
 
 
 def eval_loader(dataset_uri: str, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
-                num_workers: int = 0) -> DataLoader:
+                num_workers: int = 0) -> Loader:
     info = read_dataset(dataset_uri)
     stream = _EvalStream(shard_uris(dataset_uri, info), len(info["classes"]), batch_size, image_size, rank, world_size)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(0))
+    return Loader(loader, ImageTransform("none", image_size), None)

@@ -1,0 +1,93 @@
+"""Training-stream throughput against bare JPEG decode + resize of the same images.
+
+    python -m benchmarks.stream [--images 1500] [--size 320] [--crop 224] [--workers 2] [--batch 32]
+
+The baseline decodes each JPEG (already in memory) with PIL and resizes it to crop x crop in one
+process: the work no stream can avoid. The stream reads the same images as shards from the S3
+server and runs the whole path (shard split, S3 read, shuffle buffer, late decode, transform,
+normalise, batching, DataLoader workers) for one epoch without resampling, so every image is
+processed once. "per core" is images per CPU-second of every process involved (main process and
+loader workers; the S3 server excluded), so it holds on a busy machine; wall-clock rates are printed
+too. The main process runs torch with one thread: it stands in for a trainer, and OpenMP threads
+spinning on a shared 2-core machine would otherwise be billed to the stream. Target: >= 0.8x the
+baseline per core for the stream machinery (augment none / light);
+``paper`` adds RandAugment and erasing, work the baseline does not do, and is printed for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from benchmarks.cputime import CpuClock
+from pipelines.stack import start_s3
+from system import storage
+from system.data import ingest
+from system.data.shards import read_dataset, shard_uris
+from system.data.sources import SourceConfig, build_source
+from system.data.stream import StreamConfig, train_loader
+
+
+def build(uri: str, images: int, size: int) -> None:
+    source = build_source(SourceConfig(format="synthetic", num_images=images, num_classes=6, image_size=size, seed=4))
+    work = ingest.plan(source, 100)
+    parts = [ingest.write_shard(source, ingest.ShardTask(i, g, uri, source.class_names, "bench"))
+             for i, g in enumerate(work.groups)]
+    ingest.finalize(uri, "bench", source.class_names, parts, work.rejects, work.inputs, {})
+
+
+def jpegs(uri: str) -> list[bytes]:
+    out = []
+    for shard in shard_uris(uri, read_dataset(uri)):
+        with tarfile.open(fileobj=io.BytesIO(storage.get_bytes(shard))) as tar:
+            out += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=1500)
+    parser.add_argument("--size", type=int, default=320)
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_s3(Path(tmp) / "s3", buckets=("bench",))
+        os.environ.update(server.env())
+        try:
+            uri = "s3://bench/ds"
+            build(uri, args.images, args.size)
+            data = jpegs(uri)
+            print(f"{len(data)} JPEGs of {args.size}x{args.size} in {len(read_dataset(uri)['shards'])} shards on "
+                  f"{server.endpoint}; crops {args.crop}, batch {args.batch}, {args.workers} loader workers")
+            clock = CpuClock(exclude=(server.pid,))
+            t0, c0 = time.perf_counter(), clock.now()
+            for jpeg in data:
+                Image.open(io.BytesIO(jpeg)).convert("RGB").resize((args.crop, args.crop), Image.BILINEAR)
+            wall, base = len(data) / (time.perf_counter() - t0), len(data) / (clock.now() - c0)
+            print(f"bare decode + resize, 1 process: {wall:7.0f} images/s   {base:7.0f} images/s/core")
+            for augment in ("none", "light", "paper"):
+                cfg = StreamConfig(batch_size=args.batch, image_size=args.crop, augment=augment,
+                                   num_workers=args.workers, shuffle_buffer=500, resampled=False)
+                t0, c0 = time.perf_counter(), clock.now()
+                seen = sum(images.shape[0] for images, _ in train_loader(uri, 0, 1, cfg))
+                rate, per_core = seen / (time.perf_counter() - t0), seen / (clock.now() - c0)
+                target = "" if augment == "paper" else " (target >= 0.8x)"
+                print(f"stream augment={augment:5s}:          {rate:7.0f} images/s   {per_core:7.0f} images/s/core   "
+                      f"ratio {per_core / base:.2f}x per core{target}")
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
