@@ -65,7 +65,7 @@ def prepare(cfg: LabelConfig):
     storage.check_readable(cfg.data)
     storage.check_writable(cfg.output)
     if cfg.crf and not crf_available():
-        raise ValueError("crf=true needs the optional 'crf' extra (pydensecrf), which is not installed")
+        raise ValueError("crf=true needs the optional 'crf' extra: pip install -e '.[crf]' (pydensecrf2, built with a C++ compiler)")
     model = load_clustercam(cfg.model)
     names = model.class_names
     if cfg.class_names:

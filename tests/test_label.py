@@ -316,3 +316,25 @@ def test_configs_and_cli_keys():
         load_config(LabelConfig, None, [*keys, "crf=true"])
     with pytest.raises(ConfigError, match="missing required config key: model"):
         load_config(LabelConfig, None, keys[1:])
+
+
+def test_crf_is_an_optional_extra(tmp_path):
+    from system.label.infer import crf_available, dense_crf
+
+    probs = np.zeros((3, 16, 16), np.float32)
+    probs[0, :, :8], probs[1, :, 8:] = 0.9, 0.9
+    probs[2] = 0.05
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    pixels[:, 8:] = 200
+    if crf_available():
+        labels = dense_crf(pixels, probs)
+        assert labels.shape == (16, 16) and (labels[:, :8] == 0).all() and (labels[:, 8:] == 1).all()
+        return
+    with pytest.raises(RuntimeError, match="'crf' extra"):
+        dense_crf(pixels, probs)
+    from pipelines.label import prepare
+
+    model = export_tiny(str(tmp_path / "model"))
+    write_dataset(str(tmp_path / "ds"), [synthetic_sample(0)[:2]])
+    with pytest.raises(ValueError, match="'crf' extra"):
+        prepare(LabelConfig(model=model, data=str(tmp_path / "ds"), output=str(tmp_path / "out"), crf=True))

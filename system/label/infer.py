@@ -143,12 +143,12 @@ def dense_crf(pixels: np.ndarray, probs: np.ndarray, iterations: int = 10) -> np
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import unary_from_softmax
     except ImportError:
-        raise RuntimeError("crf=true needs the optional 'crf' extra: pip install 'clustercam-system[crf]' (pydensecrf)") from None
+        raise RuntimeError("crf=true needs the optional 'crf' extra: pip install -e '.[crf]' (pydensecrf2)") from None
     n, h, w = probs.shape
     crf = dcrf.DenseCRF2D(w, h, n)
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32), clip=1e-5)))
     crf.addPairwiseGaussian(sxy=4, compat=3)
-    crf.addPairwiseBilateral(sxy=83, srgb=5, rgbim=np.ascontiguousarray(pixels), compat=3)
+    crf.addPairwiseBilateral(sxy=83, srgb=5, rgbim=np.array(pixels, dtype=np.uint8, order="C"), compat=3)
     return np.argmax(np.array(crf.inference(iterations)).reshape(n, h, w), axis=0).astype(np.uint8)
 
 
