@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils import flop_counter
 
 from benchmarks.naive import NaiveClusterCAM, naive_predict_probs
 from system.cam import INFER_SCALES, predict_probs
@@ -92,9 +92,15 @@ def ours(model, samples, precision: str, batch_size: int) -> tuple[list[np.ndarr
     return [results[s.key] for s in samples], time.perf_counter() - start
 
 
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
 def flops_per_image(model) -> float:
+    """Matmul/conv/attention FLOPs of the five-scale forward (the counter lacks CPU flash attention)."""
     x = torch.zeros(1, 3, H, W)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=extra) as counter, torch.no_grad():
         predict_probs(model, x, INFER_SCALES)
     return float(counter.get_total_flops())
 
