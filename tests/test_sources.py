@@ -225,3 +225,16 @@ def test_header_verification_still_catches_truncation():
         with pytest.raises(BadEntry) as info:
             inspect_image(broken, 10**6, "header")
         assert info.value.code == "corrupt"
+
+
+def test_long_member_names_survive_tar_readers():
+    import tarfile
+
+    key = shards.escape_id("x" * 150 + " ü")
+    out = io.BytesIO()
+    shards.write_tar(out, [(key, [("jpg", b"a" * 1000), ("mask.png", b"")])])
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == [f"{key}.jpg", f"{key}.mask.png"]
+        assert tar.extractfile(members[0]).read() == b"a" * 1000 and members[1].size == 0
+    assert len(out.getvalue()) % 10240 == 0
