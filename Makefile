@@ -1,10 +1,11 @@
-# One entry point for a fresh machine: `make test` builds .venv and runs the suite.
+# Entry points for a fresh machine: `make test` builds .venv and runs the suite; `make demo` builds
+# .venv if needed and runs the whole mission on the embedded local stack (pipelines/demo.py).
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test bench clean-venv
+.PHONY: venv test demo docs clean-venv
 
 venv: $(STAMP)
 
@@ -19,6 +20,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: venv
 	$(BIN)/python -m pytest tests
+
+# DEMO_ARGS: key=value overrides, e.g. make demo DEMO_ARGS='train=[max_steps=20]'
+demo: venv
+	$(BIN)/python -m pipelines.demo $(DEMO_ARGS)
+
+# Regenerate the README's config and metrics reference from the typed configs.
+docs: venv
+	$(BIN)/python -m pipelines.docs
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,281 @@
+"""The whole mission on one machine, on embedded defaults: ``make demo`` / ``python -m pipelines.demo``.
+
+    python -m pipelines.demo [--config FILE] key=value ...     (--help lists the keys)
+
+Starts the embedded local stack (a SeaweedFS S3 server on loopback with generated credentials and
+a Ray head, ``pipelines.stack``), then runs the same entry points a cluster runs, each as its own
+``python -m pipelines.<name>`` process joined to that Ray head, exactly as ``ray job submit`` would:
+
+1. ingest a synthetic train split and a held-out split (another seed: other scenes) into shards;
+2. train ``configs/tiny.yaml`` on the train split with 2 DeepSpeed ZeRO workers under Ray Train;
+3. label the held-out split with the exported model (``configs/label-tiny.yaml``);
+4. evaluate the masks against the held-out GT masks, next to the all-background baseline;
+
+prints a summary, copies the small artefacts (summary, contact sheet, job records) to
+``<dir>/outputs/`` so they stay viewable once the stack is down, and stops what it started.
+
+Everything lives under ``dir`` (default ``.demo``) and is reused on the next run: ingest skips
+complete shards, a run whose model is exported is not trained again (its labels are then not
+recomputed either), so a second ``make demo`` takes about a minute. ``root=`` (an ``s3://`` URI for
+the S3 settings in the environment, or a local folder) runs without starting an S3 server, and a set
+``RAY_ADDRESS`` joins that Ray instead of starting a head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.evaluate import EvaluateConfig, evaluate
+from pipelines.stack import start_ray_head, start_s3
+from system import storage
+from system.config import dump_yaml, option, parse_cli
+from system.label.inputs import plan_inputs, unit_samples
+from system.masks import decode_mask
+from system.metrics import ConfusionMatrix
+
+log = logging.getLogger("pipelines.demo")
+BUCKET = "clustercam"
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Ingest, train, label and evaluate on synthetic data with the embedded local stack."""
+
+    dir: str = option(".demo", doc="working folder (stack data and credentials, outputs/); reused by the next run")
+    root: str = option("", doc="storage root of every output; empty: s3://clustercam on an S3 server started in <dir>/stack")
+    num_classes: int = option(4, doc="synthetic classes; must equal the train config's model.num_classes")
+    image_size: int = option(64, doc="synthetic image side in pixels")
+    train_images: int = option(480, doc="images in the training split (synthetic seed 0)")
+    heldout_images: int = option(48, doc="images in the held-out split (seed 1), labelled and evaluated")
+    shard_size: int = option(60, doc="images per shard")
+    train_config: str = option("configs/tiny.yaml", doc="training config file")
+    label_config: str = option("configs/label-tiny.yaml", doc="labelling config file")
+    run_name: str = option("demo", doc="training run name (a finished run is reused)")
+    num_workers: int = option(2, doc="training workers (DeepSpeed ranks)")
+    zero_stage: int = option(2, doc="DeepSpeed ZeRO stage")
+    train: list[str] = option(factory=list, doc="extra key=value overrides for pipelines.train, e.g. [max_steps=20]")
+    label: list[str] = option(factory=list, doc="extra key=value overrides for pipelines.label")
+    ray_cpus: int = option(0, doc="CPUs of the Ray head the demo starts; 0: this machine's count")
+
+
+@dataclasses.dataclass
+class Paths:
+    root: str
+
+    @property
+    def train_data(self) -> str:
+        return self.root + "/datasets/demo-train"
+
+    @property
+    def heldout_data(self) -> str:
+        return self.root + "/datasets/demo-heldout"
+
+    def run(self, name: str) -> str:
+        return f"{self.root}/runs/{name}"
+
+    @property
+    def labels(self) -> str:
+        return self.root + "/labels/demo-heldout"
+
+
+def _run_step(name: str, module: str, args: list[str], env: dict[str, str]) -> float:
+    """Run ``python -m <module> args`` as its own process (as a job would be); returns its seconds."""
+    log.info("demo: %s: python -m %s %s", name, module, " ".join(args))
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", module, *args], env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"demo: {name} failed (exit {done.returncode}); its output is above")
+    return time.monotonic() - t0
+
+
+def background_baseline(data: str) -> dict:
+    """Scores of predicting background everywhere, on the dataset's GT masks (the trivial baseline)."""
+    plan = plan_inputs(data, None, None, chunk=256)
+    names = ["background", *plan.class_names]
+    index = {name: k for k, name in enumerate(plan.class_names)}
+    cm = ConfusionMatrix(len(names))
+    for unit in plan.units:
+        for sample in unit_samples(unit, index):
+            if sample.gt is not None:
+                gt = decode_mask(sample.gt)
+                cm.add(gt, np.zeros_like(gt))
+    return cm.summary(names)
+
+
+def _json(uri: str) -> dict:
+    return json.loads(storage.get_bytes(uri))
+
+
+def _history(run: str) -> list[dict]:
+    return [json.loads(line) for line in storage.get_bytes(run + "/history.jsonl").decode().splitlines() if line.strip()]
+
+
+def _stack(cfg: DemoConfig, workdir: Path, resources: ExitStack) -> tuple[str, dict[str, str]]:
+    """(storage root, environment of the steps); starts the S3 server and Ray head it needs."""
+    env = dict(os.environ)
+    root = cfg.root.rstrip("/")
+    if not root:
+        server = start_s3(workdir / "stack", buckets=())
+        resources.callback(server.stop)
+        client = server.client()
+        if BUCKET not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+            client.create_bucket(Bucket=BUCKET)
+        env.update(server.env())
+        os.environ.update(server.env())
+        root = f"s3://{BUCKET}"
+        log.info("demo: S3 server %s (data in %s)", server.endpoint, workdir / "stack" / "data")
+    if not env.get("RAY_ADDRESS"):
+        # The controller of Ray Train reads this in the raylet's environment: poll reports quickly.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        head = start_ray_head(workdir / "stack", num_cpus=cfg.ray_cpus or os.cpu_count() or 2)
+        resources.callback(head.stop)
+        env.update(head.env(), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"])
+        log.info("demo: Ray head %s", head.address)
+    return root, env
+
+
+def run(cfg: DemoConfig) -> dict:
+    """Run the demo; returns the summary it prints (also in ``<root>/demo/summary.json``)."""
+    t_start = time.monotonic()
+    workdir = Path(cfg.dir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float | None] = {}
+    with ExitStack() as resources:
+        root, env = _stack(cfg, workdir, resources)
+        paths = Paths(root)
+        synthetic = [f"source.num_classes={cfg.num_classes}", f"source.image_size={cfg.image_size}",
+                     f"shard_size={cfg.shard_size}", "source.format=synthetic", "num_workers=2"]
+        for name, uri, count, seed in (("ingest train split", paths.train_data, cfg.train_images, 0),
+                                       ("ingest held-out split", paths.heldout_data, cfg.heldout_images, 1)):
+            seconds[name] = _run_step(name, "pipelines.ingest",
+                                      [f"output={uri}", f"source.num_images={count}", f"source.seed={seed}", *synthetic], env)
+
+        run_uri = paths.run(cfg.run_name)
+        trained = not storage.exists(run_uri + "/model/model.json")
+        if trained:
+            seconds["train"] = _run_step("train", "pipelines.train", [
+                "--config", cfg.train_config, f"data={paths.train_data}", f"output={root}", f"run_name={cfg.run_name}",
+                f"num_workers={cfg.num_workers}", f"zero_stage={cfg.zero_stage}", *cfg.train], env)
+        else:
+            log.info("demo: %s/model exists: training skipped (run_name=<new name> trains again)", run_uri)
+            seconds["train"] = None
+
+        job_uri = paths.labels + "/label_job.json"
+        if trained or not storage.exists(job_uri) or not _json(job_uri).get("complete"):
+            seconds["label"] = _run_step("label", "pipelines.label", [
+                "--config", cfg.label_config, f"model={run_uri}/model", f"data={paths.heldout_data}",
+                f"output={paths.labels}", f"overwrite={'true' if trained else 'false'}", *cfg.label], env)
+        else:
+            log.info("demo: %s is complete for this model: labelling skipped", job_uri)
+            seconds["label"] = None
+
+        t0 = time.monotonic()
+        result = evaluate(EvaluateConfig(masks=paths.labels + "/masks", data=paths.heldout_data,
+                                         output=paths.labels + "/eval.json"))
+        baseline = background_baseline(paths.heldout_data)
+        seconds["evaluate"] = time.monotonic() - t0
+
+        summary = _summary(cfg, paths, result, baseline, seconds)
+        summary["seconds"]["total"] = round(time.monotonic() - t_start, 1)
+        storage.put_bytes(root + "/demo/summary.json", (json.dumps(summary, indent=1) + "\n").encode())
+        summary["local_copies"] = _copy_outputs(paths, run_uri, workdir / "outputs", summary)
+    _print(summary)
+    return summary
+
+
+def _summary(cfg: DemoConfig, paths: Paths, result: dict, baseline: dict, seconds: dict) -> dict:
+    run_uri = paths.run(cfg.run_name)
+    model = _json(run_uri + "/model/model.json")
+    history = _history(run_uri)
+    job = _json(paths.labels + "/label_job.json")
+    train_info = _json(paths.train_data + "/dataset.json")
+    heldout_info = _json(paths.heldout_data + "/dataset.json")
+    tail = history[len(history) // 2:] or history
+    ingested = train_info["total_samples"] + heldout_info["total_samples"]
+    ingest_s = (seconds["ingest train split"] or 0) + (seconds["ingest held-out split"] or 0)
+    return {
+        "miou": result["miou"],
+        "baseline_all_background_miou": baseline["miou"],
+        "cam_miou": job["eval"].get("cam", {}).get("miou"),
+        "per_class_iou": result["iou"],
+        "heldout_images": result["images"],
+        "missing_masks": result["missing_masks"],
+        "throughput": {
+            "ingest_images_per_s_incl_start": round(ingested / ingest_s, 2) if ingest_s else None,
+            "train_samples_per_s": round(float(np.median([h["samples_per_s"] for h in tail])), 2),
+            "train_data_wait_s_per_step": round(float(np.mean([h["data_wait_s"] for h in tail])), 4),
+            "label_images_per_s": job["timings"]["images_per_second"],
+        },
+        "training": {"steps": model.get("steps"), "final_loss": history[-1]["loss"] if history else None,
+                     "workers": cfg.num_workers, "zero_stage": cfg.zero_stage,
+                     "nodes": model.get("final_metrics", {}).get("nodes")},
+        "outputs": {"root": paths.root, "train_data": paths.train_data, "heldout_data": paths.heldout_data,
+                    "run": run_uri, "model": run_uri + "/model", "labels": paths.labels,
+                    "contact_sheet": paths.labels + "/previews/contact_sheet.png", "eval": paths.labels + "/eval.json"},
+        "seconds": {k: (round(v, 1) if v is not None else "reused") for k, v in seconds.items()},
+    }
+
+
+def _copy_outputs(paths: Paths, run_uri: str, local: Path, summary: dict) -> dict[str, str]:
+    """The small artefacts, copied next to the stack so they stay readable once it is stopped."""
+    local.mkdir(parents=True, exist_ok=True)
+    copies = {
+        "contact_sheet": (paths.labels + "/previews/contact_sheet.png", "contact_sheet.png"),
+        "label_job": (paths.labels + "/label_job.json", "label_job.json"),
+        "eval": (paths.labels + "/eval.json", "eval.json"),
+        "model_json": (run_uri + "/model/model.json", "model.json"),
+        "history": (run_uri + "/history.jsonl", "history.jsonl"),
+    }
+    written = {}
+    for name, (uri, filename) in copies.items():
+        if storage.exists(uri):
+            (local / filename).write_bytes(storage.get_bytes(uri))
+            written[name] = str(local / filename)
+    (local / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    written["summary"] = str(local / "summary.json")
+    return written
+
+
+def _print(summary: dict) -> None:
+    t, out, local = summary["throughput"], summary["outputs"], summary["local_copies"]
+    lines = [
+        "",
+        "=" * 72,
+        "ClusterCAM demo summary",
+        f"  held-out pseudo-label mIoU (seg head): {summary['miou']:.4f}  on {summary['heldout_images']} images",
+        f"  all-background baseline mIoU:          {summary['baseline_all_background_miou']:.4f}",
+        *( [f"  CAM + PAR pseudo-label mIoU:           {summary['cam_miou']:.4f}"] if summary["cam_miou"] is not None else []),
+        "  per-class IoU: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["per_class_iou"].items() if v is not None),
+        f"  training: {summary['training']['steps']} steps, {summary['training']['workers']} workers, "
+        f"ZeRO {summary['training']['zero_stage']}, final loss {summary['training']['final_loss']}",
+        f"  throughput: ingest {t['ingest_images_per_s_incl_start']} img/s (incl. start-up), train {t['train_samples_per_s']} samples/s "
+        f"(data wait {t['train_data_wait_s_per_step']} s/step), label {t['label_images_per_s']} img/s",
+        "  seconds: " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()),
+        f"  outputs: {out['root']} (model {out['model']}, masks {out['labels']}/masks)",
+        f"  contact sheet: {local.get('contact_sheet', out['contact_sheet'])}",
+        f"  summary: {local['summary']}",
+        "=" * 72,
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = parse_cli(DemoConfig, argv, prog="python -m pipelines.demo")
+    Path(cfg.dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.dir) / "demo.yaml").write_text(dump_yaml(cfg))
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
