@@ -120,9 +120,10 @@ def _history(run: str) -> list[dict]:
     return [json.loads(line) for line in storage.get_bytes(run + "/history.jsonl").decode().splitlines() if line.strip()]
 
 
-def _stack(cfg: DemoConfig, workdir: Path, resources: ExitStack) -> tuple[str, dict[str, str]]:
-    """(storage root, environment of the steps); starts the S3 server and Ray head it needs."""
+def _stack(cfg: DemoConfig, workdir: Path, resources: ExitStack) -> tuple[str, dict[str, str], dict]:
+    """(storage root, environment of the steps, what was started); starts the S3 server and Ray head it needs."""
     env = dict(os.environ)
+    started: dict = {}
     root = cfg.root.rstrip("/")
     if not root:
         server = start_s3(workdir / "stack", buckets=())
@@ -133,6 +134,7 @@ def _stack(cfg: DemoConfig, workdir: Path, resources: ExitStack) -> tuple[str, d
         env.update(server.env())
         os.environ.update(server.env())
         root = f"s3://{BUCKET}"
+        started["s3"] = {"endpoint": server.endpoint, "pid": server.pid, "data": str(workdir / "stack" / "data")}
         log.info("demo: S3 server %s (data in %s)", server.endpoint, workdir / "stack" / "data")
     if not env.get("RAY_ADDRESS"):
         # The controller of Ray Train reads this in the raylet's environment: poll reports quickly.
@@ -140,8 +142,9 @@ def _stack(cfg: DemoConfig, workdir: Path, resources: ExitStack) -> tuple[str, d
         head = start_ray_head(workdir / "stack", num_cpus=cfg.ray_cpus or os.cpu_count() or 2)
         resources.callback(head.stop)
         env.update(head.env(), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"])
+        started["ray"] = {"address": head.address, "temp_dir": head.temp_dir}
         log.info("demo: Ray head %s", head.address)
-    return root, env
+    return root, env, started
 
 
 def run(cfg: DemoConfig) -> dict:
@@ -151,7 +154,7 @@ def run(cfg: DemoConfig) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float | None] = {}
     with ExitStack() as resources:
-        root, env = _stack(cfg, workdir, resources)
+        root, env, started = _stack(cfg, workdir, resources)
         paths = Paths(root)
         synthetic = [f"source.num_classes={cfg.num_classes}", f"source.image_size={cfg.image_size}",
                      f"shard_size={cfg.shard_size}", "source.format=synthetic", "num_workers=2"]
@@ -187,6 +190,7 @@ def run(cfg: DemoConfig) -> dict:
 
         summary = _summary(cfg, paths, result, baseline, seconds)
         summary["seconds"]["total"] = round(time.monotonic() - t_start, 1)
+        summary["stopped_at_exit"] = started
         storage.put_bytes(root + "/demo/summary.json", (json.dumps(summary, indent=1) + "\n").encode())
         summary["local_copies"] = _copy_outputs(paths, run_uri, workdir / "outputs", summary)
     _print(summary)
