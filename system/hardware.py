@@ -18,6 +18,10 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 @lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
+    """oneDNN's own check (AVX512-BF16 or AMX), else the CPU flags."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if check is not None and torch.backends.mkldnn.is_available():
+        return bool(check())
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])

@@ -43,21 +43,41 @@ class OptimConfig:
     grad_clip: float = option(0.0, "gradient-norm clipping; 0 = none (the authors clip nothing)")
 
 
+DECODER_GROUP = "decoder"
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay every tensor with >= 2 dims, none of the biases, norms and mix parameters.
 
     The authors' DataParallel wrapper hid the model's no-weight-decay list, so cls_token and
-    pos_embed are decayed too (spec e.14); this reproduces that.
+    pos_embed are decayed too (spec e.14); this reproduces that. The segmentation decoder gets a
+    group of its own: it receives no gradient in the classification phase, where torch's AdamW
+    skips it, while a ZeRO optimizer steps its flat partitions every iteration with a zero
+    gradient. Switching the group's weight decay off until the segmentation phase
+    (``set_step_hyperparams``) keeps the decoder's weights where the authors' run keeps them.
     """
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    decay, no_decay, decoder = [], [], []
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        if name.startswith("decoder."):
+            decoder.append(p)
+        else:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        {"params": decoder, "weight_decay": weight_decay, "name": DECODER_GROUP, "base_weight_decay": weight_decay},
     ]
+    return [g for g in groups if g["params"]]
+
+
+def set_step_hyperparams(optimizer: torch.optim.Optimizer, lr: float, seg_phase: bool) -> None:
+    """This step's learning rate, and the decoder's weight decay only once it is trained."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group.get("name") == DECODER_GROUP:
+            group["weight_decay"] = group["base_weight_decay"] if seg_phase else 0.0
 
 
 def base_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -85,11 +105,6 @@ def learning_rate(cfg: OptimConfig, global_batch: int, epochs: int, steps_per_ep
     progress = (step - warmup) / max(1, total - warmup)
     floor = base * cfg.min_lr_ratio
     return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def adamw(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.AdamW:

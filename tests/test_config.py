@@ -32,6 +32,7 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg == Outer(name="y", mode="cam", ratio=1.0, uri="s3://b/p", inner=Inner(size=8, scales=(1.0, 2.0)))
     assert isinstance(cfg.ratio, float)
     assert load_config(Outer, None, ["name=123"]).name == "123"
+    assert load_config(Outer, None, ["ratio=1e-8"]).ratio == 1e-8
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ import json
 import pytest
 
 from system.model import build_clustercam
-from system.optim import OptimConfig, learning_rate, param_groups
+import torch
+
+from system.optim import OptimConfig, learning_rate, param_groups, set_step_hyperparams
 from tests.golden import GOLDEN_A
 
 
@@ -32,4 +34,21 @@ def test_scaled_schedule_warms_up_then_decays():
 
 def test_decay_groups_match_the_reference_counts():
     groups = param_groups(build_clustercam(num_classes=20), 0.05)
-    assert (len(groups[0]["params"]), len(groups[1]["params"])) == (91, 220)  # spec b.9
+    decayed = sum(len(g["params"]) for g in groups if g["weight_decay"] > 0)
+    plain = sum(len(g["params"]) for g in groups if g["weight_decay"] == 0)
+    assert (decayed, plain) == (91, 220)  # spec b.9
+
+
+def test_decoder_weight_decay_waits_for_the_segmentation_phase():
+    model = build_clustercam(num_classes=2, embed_dim=48, img_size=64, decoder_channels=8)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=0.1)
+    set_step_hyperparams(opt, 1e-3, seg_phase=False)
+    decoder = next(g for g in opt.param_groups if g["name"] == "decoder")
+    assert decoder["weight_decay"] == 0.0 and all(g["lr"] == 1e-3 for g in opt.param_groups)
+    before = model.decoder.conv6.weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # what a ZeRO flat partition feeds AdamW for an unused module
+    opt.step()
+    assert torch.equal(model.decoder.conv6.weight, before)
+    set_step_hyperparams(opt, 1e-3, seg_phase=True)
+    assert decoder["weight_decay"] == 0.05

@@ -35,9 +35,17 @@ from system.data.stream import eval_loader, train_loader
 from system.hardware import resolve_precision
 from system.metrics import ConfusionMatrix
 from system.model import ClusterCAM, export_model, init_from_deit, read_state_dict
-from system.optim import adamw, learning_rate, set_learning_rate
+from system.optim import adamw, learning_rate, set_step_hyperparams
 from system.telemetry import Progress, start_metrics_server, train_metrics
-from system.training import TrainConfig, compute_loss, make_pseudo_labels, step_seed, stream_config, steps_per_epoch
+from system.training import (
+    TrainConfig,
+    compute_loss,
+    in_seg_phase,
+    make_pseudo_labels,
+    step_seed,
+    stream_config,
+    steps_per_epoch,
+)
 
 log = logging.getLogger("clustercam.train")
 CHECKPOINT_TAG = "checkpoint"
@@ -271,7 +279,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.epoch.labels(tag).set(epoch)
         while position.step_in_epoch < steps and position.global_step < total_steps:
             lr = learning_rate(cfg.optim, cfg.global_batch, cfg.schedule.epochs, steps, position.global_step)
-            set_learning_rate(optimizer, lr)
+            set_step_hyperparams(optimizer, lr, in_seg_phase(cfg.schedule, epoch))
             t_step = time.perf_counter()
             wait = 0.0
             for micro in range(accum):
