@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from system.data import ingest
 from system.data.shards import shard_name
 from system.data.sources import SourceConfig, build_source
 from system.data.validate import Verify
+from system.telemetry import Progress, ingest_metrics, start_metrics_server
 
 log = logging.getLogger("pipelines.ingest")
 
@@ -40,6 +40,7 @@ class IngestConfig:
     max_pixels: int = option(50_000_000, doc="images with more pixels are rejected")
     verify: Verify = option("decode", doc="decode: decode every image (JPEG at 1/8 scale); header: header + end marker only, near copy speed")
     progress_every_s: float = option(10.0, doc="seconds between progress lines")
+    metrics_port: int = option(0, doc="Prometheus port of the driver (clustercam_ingest_*); 0: off")
 
 
 def _start_ray():
@@ -51,24 +52,6 @@ def _start_ray():
         else:
             ray.init(include_dashboard=False)
     return ray
-
-
-class _Progress:
-    def __init__(self, total_shards: int, every_s: float):
-        self.total, self.every_s = total_shards, every_s
-        self.start = self.last = time.monotonic()
-        self.shards = self.images = 0
-
-    def update(self, record: dict) -> None:
-        self.shards += 1
-        self.images += record["inputs"]
-        now = time.monotonic()
-        if now - self.last >= self.every_s or self.shards == self.total:
-            self.last = now
-            rate = self.images / max(now - self.start, 1e-9)
-            eta = (now - self.start) / self.shards * (self.total - self.shards)
-            log.info("ingest: %d/%d shards, %d inputs, %.0f inputs/s, ETA %.0f s",
-                     self.shards, self.total, self.images, rate, eta)
 
 
 def run(cfg: IngestConfig) -> dict:
@@ -97,12 +80,17 @@ def run(cfg: IngestConfig) -> dict:
     todo = [i for i, record in enumerate(parts) if record is None]
     log.info("ingest: %d inputs, %d shards (%d already complete), %d rejected while listing -> %s",
              work.inputs, len(work.groups), len(work.groups) - len(todo), len(work.rejects), output)
+    metrics = ingest_metrics()
+    for reject in work.rejects:
+        metrics.rejects.labels(reason=reject["code"]).inc()
+    if cfg.metrics_port:
+        start_metrics_server(cfg.metrics_port)
     if todo:
         ray = _start_ray()
         from workers.ingest import ingest_shard
 
         remote = ingest_shard.options(runtime_env={"env_vars": storage.aws_env()})
-        progress = _Progress(len(todo), cfg.progress_every_s)
+        progress = Progress(sum(len(tasks[i].entries) for i in todo), "ingest inputs", log.info, cfg.progress_every_s)
         pending: dict = {}
         queue = list(reversed(todo))
         while queue or pending:
@@ -113,8 +101,12 @@ def run(cfg: IngestConfig) -> dict:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 index = pending.pop(ref)
-                parts[index] = ray.get(ref)
-                progress.update(parts[index])
+                record = parts[index] = ray.get(ref)
+                metrics.shards.inc()
+                metrics.samples.inc(record["samples"])
+                for reject in record["rejects"]:
+                    metrics.rejects.labels(reason=reject["code"]).inc()
+                progress.update(record["inputs"])
     info = ingest.finalize(output, cfg.name or output.rsplit("/", 1)[-1], source.class_names, parts,
                            work.rejects, work.inputs, to_dict(cfg.source))
     log.info("ingest: %d samples in %d shards, %d rejected (%s) -> %s", info["total_samples"], len(info["shards"]),

@@ -20,6 +20,7 @@ from system.config import ConfigError, load_config
 from system.data.shards import escape_id, read_dataset
 from system.data.sources import SourceConfig
 from system.data.sources.voc import VOC_CLASSES
+from system.telemetry import REGISTRY
 from tests import ingest_inputs as inputs
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -164,6 +165,8 @@ def test_bad_inputs_are_rejected_with_reasons_and_counts_add_up(tmp_path, s3_roo
     lines = [json.dumps({"id": i, "image": img, "labels": lab} | ({"mask": m} if m else {})) for i, img, lab, m, _ in rows]
     lines.insert(3, "{not json")
     (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    counted = lambda reason: REGISTRY.get_sample_value("clustercam_ingest_rejects_total", {"reason": reason}) or 0
+    before = {reason: counted(reason) for reason in ("cmyk", "unsafe_id", "malformed")}
     info = run(IngestConfig(output=s3_root, source=SourceConfig(format="manifest", path=str(tmp_path / "manifest.jsonl"),
                                                                   classes=["a", "b"]),
                             shard_size=5, max_pixels=5000, progress_every_s=0.0))
@@ -179,6 +182,7 @@ def test_bad_inputs_are_rejected_with_reasons_and_counts_add_up(tmp_path, s3_roo
     assert samples[escape_id("grey")]["jpg"] == files["grey.jpg"], "greyscale kept byte for byte"
     assert "png" in samples[escape_id("bmp")] and "bmp" not in samples[escape_id("bmp")]
     assert json.loads(samples[escape_id("ünï")]["json"])["id"] == "ünï"
+    assert {r: counted(r) - before[r] for r in before} == {"cmyk": 1, "unsafe_id": 2, "malformed": 1}
 
 
 def test_rerun_skips_complete_shards_and_changes_nothing(s3_root, s3_server, caplog):
