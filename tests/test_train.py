@@ -153,7 +153,8 @@ def _kill_one_worker_after_first_checkpoint(cfg: TrainConfig, killed: list) -> N
 
 
 def test_killed_worker_resumes_from_checkpoint_and_ends_at_the_same_loss(ray_cluster, dataset, s3_root, reference):
-    cfg = tiny_config(dataset, s3_root, run_name="killed", max_steps=6, max_failures=1, **{"checkpoint.every_steps": 1})
+    """The uninterrupted run is the single-process reference, which every ZeRO stage matches."""
+    cfg = tiny_config(dataset, s3_root, run_name="killed", max_failures=1, **{"checkpoint.every_steps": 1})
     killed: list = []
     killer = threading.Thread(target=_kill_one_worker_after_first_checkpoint, args=(cfg, killed), daemon=True)
     killer.start()
@@ -162,13 +163,12 @@ def test_killed_worker_resumes_from_checkpoint_and_ends_at_the_same_loss(ray_clu
     assert killed, "no training worker was found to kill"
     assert result.error is None
     rows = history(cfg)
-    assert [r["step"] for r in rows] == list(range(1, 7))  # resumed, not restarted: each step once
-    uninterrupted = run(dataclasses.replace(cfg, run_name="uninterrupted", max_failures=0))
-    assert uninterrupted.metrics["loss"] == pytest.approx(result.metrics["loss"], rel=1e-6)
-    a = load_clustercam(cfg.run_uri() + "/model").state_dict()
-    b = load_clustercam(dataclasses.replace(cfg, run_name="uninterrupted").run_uri() + "/model").state_dict()
-    for name in a:
-        assert_rel(a[name], b[name], tol=1e-6)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # resumed, not restarted: each step once
+    ref_model, ref_losses = reference
+    assert [r["loss"] for r in rows] == pytest.approx(ref_losses, rel=1e-5)
+    exported = load_clustercam(cfg.run_uri() + "/model").state_dict()
+    for name, value in ref_model.state_dict().items():
+        torch.testing.assert_close(exported[name], value, rtol=1e-5, atol=1e-5)
 
 
 def test_preflight_names_what_is_wrong(dataset, s3_root, s3_bucket, tmp_path):

@@ -1,0 +1,35 @@
+"""Prometheus series of a training worker, served on loopback, and progress lines with rate and ETA."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import torch
+
+from system.telemetry import Progress, start_metrics_server, train_metrics
+from workers.train import record_step
+
+
+def test_training_step_metrics_are_served():
+    port = start_metrics_server(0)
+    row = {"lr": 1e-4, "loss": 1.5, "loss_cls": 0.7, "loss_pat": 0.6, "loss_seg": None}
+    record_step(train_metrics(), "7", row, step_time=0.5, wait=0.1, samples=8, device=torch.device("cpu"))
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'clustercam_train_samples_total{rank="7"} 8.0' in body
+    assert 'clustercam_train_samples_per_second{rank="7"} 16.0' in body
+    assert 'clustercam_train_loss{rank="7",term="cls"} 0.7' in body
+    assert 'term="seg"' not in body
+    assert 'clustercam_data_wait_seconds_count{rank="7"} 1.0' in body
+    assert 'clustercam_train_learning_rate{rank="7"} 0.0001' in body
+
+
+def test_progress_rate_and_eta_ignore_work_done_before_a_resume():
+    now = [100.0]
+    lines: list[str] = []
+    progress = Progress(100, "steps", log=lines.append, every_s=5, clock=lambda: now[0], start=40)
+    now[0] += 10
+    progress.update(20)
+    assert lines == ["steps: 60/100 (60.0%) 2.00/s ETA 20s"]
+    now[0] += 1
+    progress.update(1)
+    assert len(lines) == 1  # not before every_s
