@@ -234,13 +234,16 @@ class _Pipe:
                 if not alive():
                     return
 
-    def write(self, data: bytes, alive=lambda: True) -> int:
+    def write(self, data: bytes, alive) -> int:
         self._pending += data
         self.size += len(data)
         if len(self._pending) >= self._CHUNK:
-            self.put(bytes(self._pending), alive)
-            self._pending.clear()
+            self.flush(alive)
         return len(data)
+
+    def flush(self, alive) -> None:
+        self.put(bytes(self._pending), alive)
+        self._pending.clear()
 
 
 class _S3Writer:
@@ -272,7 +275,7 @@ class _S3Writer:
         return StorageError(f"{self.uri}: upload failed ({type(self.error).__name__}: {self.error})")
 
     def finish(self) -> None:
-        self.pipe.put(bytes(self.pipe._pending), self.thread.is_alive)
+        self.pipe.flush(self.thread.is_alive)
         self.pipe.put(None, self.thread.is_alive)
         self.thread.join()
         if self.error is not None:

@@ -6,7 +6,6 @@ import collections
 import hashlib
 import io
 
-import numpy as np
 import pytest
 import torch
 import webdataset as wds

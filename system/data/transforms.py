@@ -31,7 +31,7 @@ Public API::
 from __future__ import annotations
 
 import io
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
