@@ -24,7 +24,7 @@ from system.label.config import LabelConfig
 from system.label.infer import Failure, Labeller, model_size, resolve_precision, size_batches, to_input
 from system.label.inputs import ClassMismatch, Sample, check_classes, plan_inputs, unit_samples
 from system.label.outputs import (
-    OutputWriter, confusion_from_lines, finalize_outputs, list_mask_keys, mask_line, mask_png, mask_stats, sparse_confusion,
+    OutputWriter, confusion_from_sparse, finalize_outputs, list_mask_keys, mask_line, mask_png, mask_stats, sparse_confusion,
 )
 from system.label.previews import contact_sheet, overlay
 from system.masks import decode_mask, encode_mask
@@ -208,11 +208,11 @@ def test_sparse_confusion_sums_to_the_direct_matrix():
     gts = [rng.integers(0, 4, (7, 9)) for _ in range(3)]
     preds = [np.where(rng.random((7, 9)) < 0.1, 255, rng.integers(0, 4, (7, 9))) for _ in range(3)]
     gts[0][0, :] = 255
-    lines = [{"confusion": sparse_confusion(g, p, 4)} for g, p in zip(gts, preds)]
+    sparse = [sparse_confusion(g, p, 4) for g, p in zip(gts, preds)]
     direct = ConfusionMatrix(4)
     for g, p in zip(gts, preds):
         direct.add(g, p)
-    summed = confusion_from_lines(lines, 4)
+    summed = confusion_from_sparse(sparse, 4)
     np.testing.assert_allclose(summed.iou(), direct.iou())
     assert summed.miou() == pytest.approx(direct.miou())
 

@@ -140,12 +140,14 @@ def test_class_mismatch_stops_before_anything_runs(s3_root, ray_cluster):
         run(renamed)
 
 
-def test_manifest_both_modes(s3_root, ray_cluster):
-    rows = []
+def test_manifest_both_modes_with_gt(s3_root, ray_cluster):
+    rows, gts = [], {}
     for i in range(3):
-        key, members, _, classes = synthetic_sample(20 + i)
+        key, members, gt, classes = synthetic_sample(20 + i)
         storage.put_bytes(f"{s3_root}/images/{i}.jpg", dict(members)["jpg"])
-        rows.append({"id": f"m{i}", "image": f"images/{i}.jpg", "labels": [NAMES[k] for k in classes]})
+        storage.put_bytes(f"{s3_root}/gt/{i}.png", encode_mask(gt))
+        rows.append({"id": f"m{i}", "image": f"images/{i}.jpg", "mask": f"gt/{i}.png", "labels": [NAMES[k] for k in classes]})
+        gts[f"m{i}"] = gt
     rows.append({"id": "gone", "image": "images/missing.jpg", "labels": []})
     storage.put_bytes(f"{s3_root}/manifest.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     model_uri = export_tiny(f"{s3_root}/model")
@@ -157,14 +159,18 @@ def test_manifest_both_modes(s3_root, ray_cluster):
     assert "clustercam_label_queue_depth 0.0" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     assert job["counts"]["written"] == 3 and job["counts"]["failed"] == 1
     assert "cannot read image" in job["failures"][0]["reason"]
-    for i, row in enumerate(rows[:3]):
+    direct = {"seg": ConfusionMatrix(K + 1), "cam": ConfusionMatrix(K + 1)}
+    for row in rows[:3]:
         seg, cam = _read_mask(cfg, row["id"]), _read_mask(cfg, row["id"], "cam_masks")
         assert seg.shape == cam.shape == (64, 64)
         allowed = {0, *[NAMES.index(n) + 1 for n in row["labels"]]}
         assert set(np.unique(seg)) <= allowed and set(np.unique(cam)) <= allowed | {255}
         line = mask_line(storage.get_bytes(storage.join(cfg.output, "masks", f"{row['id']}.png")))
         assert line["mode"] == "seg" and "fractions" in line["cam"]
-    assert job["eval"] == {}
+        direct["seg"].add(gts[row["id"]], seg)
+        direct["cam"].add(gts[row["id"]], cam)
+    for mode in ("seg", "cam"):
+        assert job["eval"][mode]["miou"] == pytest.approx(direct[mode].miou(), abs=1e-12)
 
 
 def _free_port() -> int:

@@ -20,7 +20,7 @@ Public API::
 
     mask_png(mask, line) -> bytes;  mask_line(png) -> dict | None
     mask_stats(mask, class_names) -> {"classes", "fractions"}
-    sparse_confusion(gt, pred, n) -> [[gt, pred_or_n, count], ...];  confusion_from_lines(lines, n, path)
+    sparse_confusion(gt, pred, n) -> [[gt, pred_or_n, count], ...];  confusion_from_sparse(images, n)
     OutputWriter(cfg, class_names, run_id, writer_id, model_id, pool)
     list_mask_keys(folder) -> set[str]
     finalize_outputs(cfg, run_id, class_names, seen, failed) -> dict
@@ -35,7 +35,7 @@ import time
 import zlib
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -89,15 +89,13 @@ def sparse_confusion(gt: np.ndarray, pred: np.ndarray, n: int) -> list[list[int]
     return [[int(r), int(c), int(state[r, c])] for r, c in zip(rows, cols)]
 
 
-def confusion_from_lines(lines: Iterable[dict], n: int, mode_path: tuple[str, ...] = ()) -> ConfusionMatrix | None:
-    """The summed confusion matrix of every line with GT (``mode_path`` selects a nested output)."""
+def confusion_from_sparse(images: Iterable[list[list[int]]], n: int) -> ConfusionMatrix:
+    """The summed confusion matrix of many images' ``sparse_confusion`` counts."""
     state = torch.zeros(n, n + 1, dtype=torch.float64)
-    found = False
-    for line in lines:
-        for r, c, count in _nested(line, mode_path).get("confusion") or ():
+    for cells in images:
+        for r, c, count in cells:
             state[r, c] += count
-            found = True
-    return ConfusionMatrix.from_state(state) if found else None
+    return ConfusionMatrix.from_state(state)
 
 
 def _part_name(run_id: str, writer_id: str, seq: int) -> str:
@@ -199,53 +197,57 @@ def list_mask_keys(folder: str) -> set[str]:
     return {uri[len(prefix) : -4] for uri in storage.list_uris(folder) if uri.endswith(".png") and "/" not in uri[len(prefix) :]}
 
 
-def _read_parts(output: str, folder: str, pool: Executor) -> list[tuple[str, list[dict]]]:
+def _read_lines(output: str, folder: str, pool: Executor) -> Iterator[dict]:
+    """Every line of every part below ``folder``, parts fetched in parallel a window at a time."""
     uris = [u for u in storage.list_uris(storage.join(output, folder)) if u.endswith(".jsonl")]
-    texts = pool.map(storage.get_bytes, uris)
-    return [(uri, [json.loads(line) for line in text.decode("utf-8").splitlines() if line.strip()]) for uri, text in zip(uris, texts)]
+    for text in pool.map(storage.get_bytes, uris):
+        for raw in text.decode("utf-8").splitlines():
+            if raw.strip():
+                yield json.loads(raw)
 
 
 def finalize_outputs(cfg: LabelConfig, run_id: str, class_names: list[str], seen: set[str], failed: set[str]) -> dict:
     """The consistency pass: one listing of masks/, every stats part read, lost lines recovered, eval summed.
 
-    ``seen`` are the input keys the actors met this run (labelled, skipped or failed); a seen key with
-    neither a mask nor a failure this run is reported missing.
+    Only each key's run and confusion counts are kept (a line is ~1 kB; a corpus has millions). A key
+    with two lines (a unit retried after its actor died, or ``overwrite``) counts once, preferring
+    this run's line. ``seen`` are the input keys the actors met this run (labelled, skipped or
+    failed); a seen key with neither a mask nor a failure this run is reported missing.
     """
     start = time.monotonic()
+    primary = cfg.modes[-1]  # its fields are the line's own; the other mode's are nested under its name
+    kept: dict[str, tuple[str | None, dict[str, list]]] = {}
+
+    def keep(line: dict) -> None:
+        key = line["key"]
+        if key in masks and (key not in kept or line.get("run") == run_id):
+            kept[key] = (line.get("run"), {m: (line if m == primary else line.get(m, {})).get("confusion") for m in cfg.modes})
+
     with ThreadPoolExecutor(16) as pool:
         masks = list_mask_keys(storage.join(cfg.output, "masks"))
-        lines: dict[str, dict] = {}
-        for _uri, part in _read_parts(cfg.output, STATS_DIR, pool):
-            for line in part:
-                if line["key"] in masks and (line["key"] not in lines or line.get("run") == run_id):
-                    lines[line["key"]] = line
-        lost = sorted(masks - set(lines))
+        for line in _read_lines(cfg.output, STATS_DIR, pool):
+            keep(line)
+        lost = sorted(masks - set(kept))
         recovered = [line for line in pool.map(lambda k: mask_line(storage.get_bytes(storage.join(cfg.output, "masks", f"{k}.png"))), lost) if line]
-        if recovered:
-            storage.put_bytes(storage.join(cfg.output, STATS_DIR, _part_name(run_id, "recovered", 0)), _jsonl(recovered))
-            lines.update({line["key"]: line for line in recovered})
-    n = len(class_names) + 1
+    if recovered:
+        storage.put_bytes(storage.join(cfg.output, STATS_DIR, _part_name(run_id, "recovered", 0)), _jsonl(recovered))
+        for line in recovered:
+            keep(line)
     names = ["background", *class_names]
     evaluation = {}
     for mode in cfg.modes:
-        path = () if mode == cfg.modes[-1] else (mode,)
-        cm = confusion_from_lines(lines.values(), n, path)
-        if cm is not None:
-            evaluation[mode] = {**cm.summary(names), "images": sum(1 for line in lines.values() if _nested(line, path).get("confusion"))}
+        confusions = [c[mode] for _, c in kept.values() if c[mode]]
+        if confusions:
+            evaluation[mode] = {**confusion_from_sparse(confusions, len(names)).summary(names), "images": len(confusions)}
     missing = sorted(seen - masks - failed)
     return {
         "masks": len(masks),
-        "stats_lines": len(lines),
+        "stats_lines": len(kept),
         "stats_recovered": len(recovered),
-        "masks_without_stats": len(masks) - len(lines),
+        "masks_without_stats": len(masks) - len(kept),
         "missing": len(missing),
         "missing_keys": missing[:1000],
         "eval": evaluation,
         "seconds": round(time.monotonic() - start, 3),
     }
 
-
-def _nested(line: dict, path: tuple[str, ...]) -> dict:
-    for part in path:
-        line = line.get(part, {})
-    return line
