@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -275,6 +276,8 @@ def _print(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # `kill` as well as Ctrl-C unwinds run(), which stops the Ray head and S3 server it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     cfg = parse_cli(DemoConfig, argv, prog="python -m pipelines.demo")
     Path(cfg.dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.dir) / "demo.yaml").write_text(dump_yaml(cfg))

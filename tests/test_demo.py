@@ -33,7 +33,7 @@ ARGS = [
     "ray_cpus=2",
     f"train=[model.num_classes={CLASSES},model.img_size={SIZE},stream.image_size={SIZE},stream.batch_size=3,"
     "stream.num_workers=0,schedule.steps_per_epoch=2,schedule.seg_start_epoch=1,max_steps=4]",
-    "label=[num_previews=3,scales=[1.0],cam_scales=[1.0]]",
+    'label=[num_previews=3,"scales=[1.0]","cam_scales=[1.0]"]',
 ]
 HISTORY_KEYS = {"epoch", "step", "loss", "loss_cls", "loss_pat", "loss_seg", "lr", "samples_per_s", "data_wait_s"}
 
