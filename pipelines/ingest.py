@@ -67,7 +67,7 @@ def run(cfg: IngestConfig) -> dict:
     settings = {"source": to_dict(cfg.source), "max_pixels": cfg.max_pixels, "verify": cfg.verify}
     tasks = [ingest.ShardTask(i, group, output, source.class_names, ingest.fingerprint(group, source.class_names, settings),
                               cfg.max_pixels, cfg.verify) for i, group in enumerate(work.groups)]
-    storage.put_bytes(storage.join(output, "ingest.yaml"), dump_yaml(cfg).encode())
+    ingest.put_if_changed(storage.join(output, "ingest.yaml"), dump_yaml(cfg).encode())
 
     def done_before(index: int) -> dict | None:
         record = ingest.read_part(output, index)
@@ -90,13 +90,14 @@ def run(cfg: IngestConfig) -> dict:
         from workers.ingest import ingest_shard
 
         remote = ingest_shard.options(runtime_env={"env_vars": storage.aws_env()})
+        source_ref = ray.put(source)
         progress = Progress(sum(len(tasks[i].entries) for i in todo), "ingest inputs", log.info, cfg.progress_every_s)
         pending: dict = {}
         queue = list(reversed(todo))
         while queue or pending:
             while queue and len(pending) < cfg.num_workers:
                 i = queue.pop()
-                ref = remote.remote(source, tasks[i])
+                ref = remote.remote(source_ref, tasks[i])
                 pending[ref] = i
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:

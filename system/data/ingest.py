@@ -18,6 +18,7 @@ Public API::
     read_part(output, index) -> dict | None
     write_shard(source, task) -> dict
     finalize(output, name, class_names, parts, plan_rejects, inputs, source_settings) -> dict
+    put_if_changed(uri, data)
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def write_shard(source: Source, task: ShardTask) -> dict:
     return record
 
 
-def _put_if_changed(uri: str, data: bytes) -> None:
+def put_if_changed(uri: str, data: bytes) -> None:
+    """A re-run that produces the same file leaves the stored one (and its timestamp) alone."""
     try:
         if storage.get_bytes(uri) == data:
             return
@@ -167,7 +169,7 @@ def finalize(output: str, name: str, class_names: list[str], parts: list[dict], 
     if total + len(rejects) != inputs:
         raise RuntimeError(f"{output}: {total} ingested + {len(rejects)} rejected != {inputs} inputs")
     lines = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejects)
-    _put_if_changed(storage.join(output, REJECTS_FILE), lines.encode("utf-8"))
+    put_if_changed(storage.join(output, REJECTS_FILE), lines.encode("utf-8"))
     info = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -181,5 +183,5 @@ def finalize(output: str, name: str, class_names: list[str], parts: list[dict], 
         "rejected": {"total": len(rejects), "by_code": dict(sorted(Counter(r["code"] for r in rejects).items()))},
         "source": source_settings,
     }
-    _put_if_changed(storage.join(output, DATASET_FILE), (json.dumps(info, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    put_if_changed(storage.join(output, DATASET_FILE), (json.dumps(info, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
     return info
