@@ -238,3 +238,17 @@ def test_long_member_names_survive_tar_readers():
         assert [m.name for m in members] == [f"{key}.jpg", f"{key}.mask.png"]
         assert tar.extractfile(members[0]).read() == b"a" * 1000 and members[1].size == 0
     assert len(out.getvalue()) % 10240 == 0
+
+
+def test_csv_manifest_with_pipe_separated_labels_and_relative_paths(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(_jpeg(RGB))
+    (tmp_path / "list.csv").write_text('id,image,labels\nfirst,imgs/a.jpg,cat|dog\n"with, comma",imgs/a.jpg,dog\n')
+    source = build_source(SourceConfig(format="manifest", path=str(tmp_path / "list.csv")))
+    entries = list(source.entries())
+    assert source.class_names == ["cat", "dog"]
+    assert [(e.id, e.labels) for e in entries] == [("first", ("cat", "dog")), ("with, comma", ("dog",))]
+    assert source.load(entries[0]).image == (tmp_path / "imgs" / "a.jpg").read_bytes()
+    (tmp_path / "bad.csv").write_text("name,path\nx,y\n")
+    with pytest.raises(ValueError, match="CSV header lacks"):
+        build_source(SourceConfig(format="manifest", path=str(tmp_path / "bad.csv")))

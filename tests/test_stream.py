@@ -203,3 +203,24 @@ def test_paper_augmentation_survives_zero_bit_posterize():
     assert posterize(image).getextrema() == ((0, 0), (0, 0), (0, 0))
     rand.ops = [posterize]
     assert transform(image).shape == (3, 32, 32)
+
+
+def test_train_stream_skips_an_undecodable_sample(tmp_path, caplog):
+    uri = str(tmp_path / "broken")
+    build_dataset(uri, num_images=6, shard_size=6)
+    shard = tmp_path / "broken" / "shard-000000.tar"
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first_jpg = next(i for i, (name, _) in enumerate(members) if name.endswith(".jpg"))
+    name, data = members[first_jpg]
+    members[first_jpg] = (name, data[: len(data) // 3])
+    with open(shard, "wb") as f:
+        from system.data.shards import write_tar
+
+        write_tar(f, [(n.split(".", 1)[0], [(n.split(".", 1)[1], d)]) for n, d in members])
+    caplog.set_level("WARNING", logger="system.data.stream")
+    batches = list(train_loader(uri, 0, 1, _cfg(resampled=False, num_workers=0, batch_size=2)))
+    assert sum(images.shape[0] for images, _ in batches) == 5
+    assert "skipping sample" in caplog.text

@@ -27,6 +27,10 @@ is batch n of the original, and each worker drops its share of raw samples *befo
 skipping costs only reading. (Exact for resampled streams; without resampling it is exact while no
 worker has run out of shards.)
 
+A training sample whose image no longer decodes is skipped with a warning (ingest's checks make this
+rare; a storage bit flip should not end a multi-day run); the eval stream raises instead, since a
+missing sample would bias the evaluation.
+
 S3 shards are opened through a boto3 handler registered as ``webdataset.gopen_schemes["s3"]`` (one
 streaming GET per shard); a read that breaks mid-shard is reopened and resumes after the last sample
 already delivered, instead of restarting the epoch.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
 import tarfile
@@ -57,6 +62,7 @@ from system.data.shards import read_dataset, shard_uris
 from system.data.transforms import Augment, ImageTransform, decode_rgb, resize_mask
 from system.masks import decode_mask
 
+log = logging.getLogger(__name__)
 _IMAGE_EXTS = ("jpg", "png", "webp")
 _RETRYABLE = (OSError, tarfile.ReadError, botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError)
 
@@ -201,7 +207,11 @@ class _TrainStream(IterableDataset):
         for number, sample in enumerate(raw):
             if number < to_skip:
                 continue
-            batch.append(self._decode(sample, _mix(self.cfg.seed, self.epoch, self.rank, role, 4, number)))
+            try:
+                batch.append(self._decode(sample, _mix(self.cfg.seed, self.epoch, self.rank, role, 4, number)))
+            except (OSError, ValueError, SyntaxError) as exc:  # one broken image must not end a training run
+                log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
+                continue
             if len(batch) == size:
                 yield self._collate(batch)
                 batch = []
