@@ -21,7 +21,7 @@ from system.data.stream import StreamConfig
 from system.losses import SEG_LOSS_WEIGHT, SegLossTerms, multilabel_loss, seg_loss_terms, upsample_segs
 from system.model import ClusterCAM, ClusterCAMConfig
 from system.optim import OptimConfig
-from system.refine import denormalize, pseudo_labels
+from system.refine import cam_to_label, denormalize, pseudo_labels, refine_with_background
 
 
 @dataclasses.dataclass
@@ -43,6 +43,7 @@ class ScheduleConfig:
 class CheckpointConfig:
     every_steps: int = option(500, "save a checkpoint every N optimizer steps (and at every epoch end); 0 = epoch ends only")
     keep: int = option(2, "checkpoints kept by Ray (oldest deleted first)")
+    async_upload: bool = option(True, "upload checkpoints in the background instead of stalling the step")
 
 
 @dataclasses.dataclass
@@ -141,15 +142,29 @@ def in_seg_phase(cfg: ScheduleConfig, epoch: int) -> bool:
     return epoch >= cfg.seg_start_epoch
 
 
-def make_pseudo_labels(model: ClusterCAM, images: torch.Tensor, labels: torch.Tensor, cfg: ScheduleConfig) -> torch.Tensor:
-    """Spec b.3 step 2: multi-scale CAM (no grad) -> label-masked -> PAR pseudo labels."""
+def _cams(model: ClusterCAM, images: torch.Tensor, cfg: ScheduleConfig, train_mode: bool) -> torch.Tensor:
     was_training = model.training
-    model.train(cfg.cam_train_mode)
+    model.train(train_mode)
     try:
-        cams = multi_scale_cam(model, images, cfg.cam_scales)
+        return multi_scale_cam(model, images, cfg.cam_scales)
     finally:
         model.train(was_training)
+
+
+def make_pseudo_labels(model: ClusterCAM, images: torch.Tensor, labels: torch.Tensor, cfg: ScheduleConfig) -> torch.Tensor:
+    """Spec b.3 step 2: multi-scale CAM (no grad) -> label-masked -> PAR pseudo labels."""
+    cams = _cams(model, images, cfg, cfg.cam_train_mode)
     return pseudo_labels(denormalize(images), cams, labels, cfg.bg_threshold, cfg.ignore_delta)
+
+
+def cam_labels(model: ClusterCAM, images: torch.Tensor, labels: torch.Tensor, cfg: ScheduleConfig) -> torch.Tensor:
+    """CAM + PAR labels at the central background threshold, every pixel decided (eval mode).
+
+    The measure of pseudo-label quality: the training labels' ignore band would otherwise count
+    as misses (or, excluded, flatter the figure).
+    """
+    cams = cam_to_label(_cams(model, images, cfg, False), labels)
+    return refine_with_background(denormalize(images), cams, labels, (cfg.bg_threshold,))[0]
 
 
 def compute_loss(

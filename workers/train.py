@@ -39,9 +39,9 @@ from system.optim import adamw, learning_rate, set_step_hyperparams
 from system.telemetry import Progress, start_metrics_server, train_metrics
 from system.training import (
     TrainConfig,
+    cam_labels,
     compute_loss,
     in_seg_phase,
-    make_pseudo_labels,
     step_seed,
     stream_config,
     steps_per_epoch,
@@ -126,7 +126,7 @@ def _any_rank(flag: bool) -> bool:
 
 @torch.no_grad()
 def validate(engine, cfg: TrainConfig, num_classes: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """mIoU of the segmentation head and of the CAM pseudo labels, merged over all workers.
+    """mIoU of the segmentation head and of CAM + PAR labels (``cam_labels``), merged over all workers.
 
     Ranks may hold different numbers of validation batches; a rank that has run out keeps making
     dummy forwards until every rank is done, because ZeRO-3 forwards are collective.
@@ -146,13 +146,13 @@ def validate(engine, cfg: TrainConfig, num_classes: int, device: torch.device, d
         if batch is None:
             dummy = torch.zeros(1, 3, val.image_size, val.image_size, device=device, dtype=dtype)
             predict_probs(model, dummy, val.scales)
-            make_pseudo_labels(model, dummy, torch.ones(1, num_classes, device=device), cfg.schedule)
+            cam_labels(model, dummy, torch.ones(1, num_classes, device=device), cfg.schedule)
             continue
         images = batch["images"].to(device, dtype)
         labels = batch["labels"].to(device)
         pred = predict_probs(model, images, val.scales).argmax(dim=1)
         seg_cm.add(batch["masks"], pred)
-        cam_cm.add(batch["masks"], make_pseudo_labels(model, images, labels, cfg.schedule))
+        cam_cm.add(batch["masks"], cam_labels(model, images, labels, cfg.schedule))
         done += 1
     model.train(was_training)
     states = torch.stack([seg_cm.state(), cam_cm.state()])
@@ -162,13 +162,23 @@ def validate(engine, cfg: TrainConfig, num_classes: int, device: torch.device, d
     return {"val_seg_miou": seg_cm.miou(), "val_cam_miou": cam_cm.miou()}
 
 
-def save_checkpoint(engine, position: Position, metrics: dict, rank: int) -> None:
-    """Every rank writes its own ZeRO shard and reports it; Ray merges them into one checkpoint."""
-    with tempfile.TemporaryDirectory(prefix="clustercam-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state={"position": position.__dict__})
-        if rank == 0:
-            Path(tmp, STATE_FILE).write_text(json.dumps({**position.__dict__, **metrics}, indent=1))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+def save_checkpoint(engine, position: Position, metrics: dict, rank: int, async_upload: bool) -> None:
+    """Every rank writes its own ZeRO shard and reports it; Ray merges them into one checkpoint.
+
+    With ``async_upload`` Ray uploads the directory in the background (and deletes it after), so a
+    large checkpoint on its way to object storage does not stall the next steps.
+    """
+    directory = tempfile.mkdtemp(prefix="clustercam-ckpt-")
+    engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"position": position.__dict__})
+    if rank == 0:
+        Path(directory, STATE_FILE).write_text(json.dumps({**position.__dict__, **metrics}, indent=1))
+    mode = ray.train.CheckpointUploadMode.ASYNC if async_upload else ray.train.CheckpointUploadMode.SYNC
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(directory),
+        checkpoint_upload_mode=mode,
+        delete_local_checkpoint_after_upload=True,
+    )
 
 
 def restore_checkpoint(engine) -> Position:
@@ -320,7 +330,7 @@ def train_loop_per_worker(config: dict) -> None:
             if epoch_end or finished or (every and position.global_step % every == 0):
                 if rank == 0:
                     history.save()
-                save_checkpoint(engine, position, row, rank)
+                save_checkpoint(engine, position, row, rank, cfg.checkpoint.async_upload)
         position = position.normalized(steps)
 
     weights = full_state_dict(engine)
