@@ -127,6 +127,9 @@ def _stack(cfg: DemoConfig, workdir: Path, resources: ExitStack) -> tuple[str, d
     started: dict = {}
     root = cfg.root.rstrip("/")
     if not root:
+        if (workdir / "stack" / "stack.json").exists():
+            raise SystemExit(f"demo: infra/local/start.sh runs a stack on {workdir / 'stack'}; stop it first: "
+                             f"infra/local/stop.sh --dir {workdir / 'stack'}")
         server = start_s3(workdir / "stack", buckets=())
         resources.callback(server.stop)
         client = server.client()
@@ -246,8 +249,8 @@ def _copy_outputs(paths: Paths, run_uri: str, local: Path, summary: dict) -> dic
         if storage.exists(uri):
             (local / filename).write_bytes(storage.get_bytes(uri))
             written[name] = str(local / filename)
-    (local / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     written["summary"] = str(local / "summary.json")
+    (local / "summary.json").write_text(json.dumps({**summary, "local_copies": written}, indent=1) + "\n")
     return written
 
 
