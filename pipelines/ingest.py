@@ -13,10 +13,10 @@ is resumed by running the same command again. ``python -m pipelines.ingest --hel
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from pipelines.cluster import start_ray
 from system import storage
 from system.config import dump_yaml, option, parse_cli, to_dict
 from system.data import ingest
@@ -41,17 +41,6 @@ class IngestConfig:
     verify: Verify = option("decode", doc="decode: decode every image (JPEG at 1/8 scale); header: header + end marker only, near copy speed")
     progress_every_s: float = option(10.0, doc="seconds between progress lines")
     metrics_port: int = option(0, doc="Prometheus port of the driver (clustercam_ingest_*); 0: off")
-
-
-def _start_ray():
-    import ray
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address="auto", log_to_driver=True)
-        else:
-            ray.init(include_dashboard=False)
-    return ray
 
 
 def run(cfg: IngestConfig) -> dict:
@@ -86,7 +75,7 @@ def run(cfg: IngestConfig) -> dict:
     if cfg.metrics_port:
         start_metrics_server(cfg.metrics_port)
     if todo:
-        ray = _start_ray()
+        ray = start_ray()
         from workers.ingest import ingest_shard
 
         remote = ingest_shard.options(runtime_env={"env_vars": storage.aws_env()})

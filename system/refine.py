@@ -15,8 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from system.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - re-exported
+
 # the authors' literal 0-255 constants (products rounded in decimal, not in float32)
 _MEAN_255 = (123.675, 116.28, 103.53)
 _STD_255 = (58.395, 57.12, 57.375)

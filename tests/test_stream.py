@@ -16,17 +16,14 @@ from system.data.shards import read_dataset, shard_uris
 from system.data.sources import SourceConfig, build_source
 from system.data.stream import StreamConfig, eval_loader, shard_samples, train_loader
 from system.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from tests.datasets import build_synthetic
 
 NUM_IMAGES, SHARD_SIZE, SIZE = 38, 4, 48
 
 
 def build_dataset(uri: str, num_images: int = NUM_IMAGES, shard_size: int = SHARD_SIZE, num_classes: int = 4) -> dict:
     """Ingest synthetic scenes in-process (no Ray): the stream only needs the shard contract."""
-    source = build_source(SourceConfig(format="synthetic", num_images=num_images, num_classes=num_classes,
-                                       image_size=SIZE, seed=3))
-    work = ingest.plan(source, shard_size)
-    parts = [ingest.write_shard(source, ingest.ShardTask(i, g, uri, source.class_names, "t")) for i, g in enumerate(work.groups)]
-    return ingest.finalize(uri, "t", source.class_names, parts, work.rejects, work.inputs, {})
+    return build_synthetic(uri, num_images, num_classes, image_size=SIZE, shard_size=shard_size, seed=3)
 
 
 @pytest.fixture(scope="module")
