@@ -23,13 +23,13 @@ import datetime as dt
 import io
 import json
 import logging
-import os
 import time
 import uuid
 from collections import deque
 
 from PIL import Image
 
+from pipelines.cluster import start_ray
 from system import storage
 from system.config import dump_yaml, parse_cli, to_dict
 from system.label.config import LabelConfig
@@ -42,17 +42,6 @@ from system.telemetry import Progress, label_metrics, start_metrics_server
 
 log = logging.getLogger("pipelines.label")
 UNITS_PER_ACTOR = 2
-
-
-def _start_ray():
-    import ray
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address="auto", log_to_driver=True)
-        else:
-            ray.init(include_dashboard=False)
-    return ray
 
 
 def _now() -> str:
@@ -94,7 +83,7 @@ def run(cfg: LabelConfig) -> dict:
     if cfg.metrics_port:
         start_metrics_server(cfg.metrics_port)
 
-    ray = _start_ray()
+    ray = start_ray(storage.aws_env())
     from workers.label import LabelActor
 
     gpus = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)

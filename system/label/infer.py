@@ -33,11 +33,11 @@ import torch
 from PIL import Image
 
 from system.cam import multi_scale_cam, predict_probs
-from system.data.transforms import decode_rgb
+from system.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_rgb
 from system.label.config import LabelConfig
 from system.label.inputs import Sample
 from system.masks import decode_mask
-from system.refine import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, denormalize, pseudo_labels
+from system.refine import IGNORE_INDEX, denormalize, pseudo_labels
 
 T = TypeVar("T")
 _MEAN_255 = tuple(255 * m for m in IMAGENET_MEAN)
