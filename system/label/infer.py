@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from system import hardware
 from system.cam import multi_scale_cam, predict_probs
 from system.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_rgb
 from system.label.config import LabelConfig
@@ -78,19 +79,8 @@ class Labelled:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32.
-
-    ``auto`` takes bf16 only where it is computed natively (any recent GPU; CPUs whose oneDNN has a
-    bf16 path, i.e. AVX512-BF16/AMX): elsewhere bf16 is emulated and several times slower than fp32.
-    """
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if native else None
+    """The autocast dtype, or None for fp32 (``auto``: bf16 only where it is native, see system.hardware)."""
+    return torch.bfloat16 if hardware.resolve_precision(precision, device) == "bf16" else None
 
 
 def model_size(height: int, width: int, max_side: int, min_side: int) -> tuple[int, int]:
