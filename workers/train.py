@@ -243,6 +243,9 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_cuda = cfg.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", ctx.get_local_rank()) if use_cuda else torch.device("cpu")
+    if not use_cuda:
+        # the worker owns cpus_per_worker cores; torch would otherwise follow OMP_NUM_THREADS from Ray
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     precision = resolve_precision(cfg.deepspeed.precision, device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
