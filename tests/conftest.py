@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import shutil
@@ -30,18 +29,14 @@ TEST_BUCKET = "clustercam-test"
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> S3Server:
     server = start_s3(tmp_path_factory.mktemp("seaweedfs"), buckets=(TEST_BUCKET,))
-    saved = {k: os.environ.get(k) for k in (*server.env(), "AWS_PROFILE", "AWS_SESSION_TOKEN")}
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        os.environ.pop(key, None)
-    os.environ.update(server.env())
     try:
-        yield server
+        with pytest.MonkeyPatch.context() as env:
+            for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+                env.delenv(key, raising=False)
+            for key, value in server.env().items():
+                env.setenv(key, value)
+            yield server
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         server.stop()
 
 
@@ -65,25 +60,20 @@ def ray_cluster(s3_server):
     token = Path(temp_dir) / "token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN_PATH", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    context = ray.init(
-        num_cpus=2,
-        object_store_memory=256 * 2**20,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.2",
-        _temp_dir=temp_dir,
-        configure_logging=False,
-        log_to_driver=False,
-    )
-    try:
-        yield context
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+        env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        context = ray.init(
+            num_cpus=2,
+            object_store_memory=256 * 2**20,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.2",
+            _temp_dir=temp_dir,
+            configure_logging=False,
+            log_to_driver=False,
+        )
+        try:
+            yield context
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)

@@ -68,16 +68,12 @@ def demo_s3(demo):
     stopped after each test, since the demo itself starts one on the same folder."""
     workdir, _, _ = demo
     server = start_s3(workdir / "stack")
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
     try:
-        yield "s3://clustercam"
+        with pytest.MonkeyPatch.context() as env:
+            for key, value in server.env().items():
+                env.setenv(key, value)
+            yield "s3://clustercam"
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         server.stop()
 
 
