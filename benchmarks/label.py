@@ -1,6 +1,6 @@
 """Labelling throughput: our batched Labeller against the reference-style loop, in the same run.
 
-    .venv/bin/python -m benchmarks.label [--images 6] [--bf16-images 2] [--batch-size 3] [--threads 2]
+    .venv/bin/python -m benchmarks.label [--images 6] [--bf16-images 2] [--batch-size 3] [--threads 2] [--device cpu]
 
 Model: the DeiT-S ClusterCAM (K=20, C=384, 12 blocks x 6 heads, LargeFOV decoder 512), random
 weights with the decoder's last layer scaled up so the probabilities are peaked as a trained
@@ -14,8 +14,9 @@ model's are (a fresh decoder is near-uniform and its argmax is decided by roundi
   decode threads), tag restriction off so masks are comparable; masks must be identical;
 - ours bf16: the same with bf16 autocast; pixel agreement with our fp32 masks is reported.
 
-FLOPs of one image (five scales) are counted with ``torch.utils.flop_counter`` to turn the measured
-throughput into an estimate for an accelerator.
+FLOPs of one image (five scales) are counted with ``torch.utils.flop_counter``: on the CPU they turn
+the measured throughput into an estimate for an H100; on a GPU (``--device cuda``) into the achieved
+TFLOP/s.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from PIL import Image
 from torch.utils import flop_counter
 
 from benchmarks.naive import NaiveClusterCAM, naive_predict_probs
+from system import hardware
 from system.cam import INFER_SCALES, predict_probs
 from system.data.sources.synthetic import render
 from system.label.config import LabelConfig
@@ -57,23 +59,24 @@ def make_images(n: int) -> list[Sample]:
     return samples
 
 
-def make_models():
+def make_models(device: torch.device):
     torch.manual_seed(0)
     model = build_clustercam(num_classes=K, drop_path_rate=0.0).eval()
     with torch.no_grad():
         model.decoder.conv8.weight.mul_(20)
     naive = NaiveClusterCAM(num_classes=K, drop_path_rate=0.0).eval()
     naive.load_state_dict(model.state_dict(), strict=True)
-    return model, naive
+    return model.to(device), naive.to(device)
 
 
 def reference(naive, samples) -> tuple[list[np.ndarray], float]:
+    device = next(naive.parameters()).device
     start = time.perf_counter()
     masks = []
     for s in samples:
         pixels = np.array(Image.open(io.BytesIO(s.image)).convert("RGB"))
-        probs = naive_predict_probs(naive, to_input(pixels)[None], INFER_SCALES)
-        mask = probs[0].argmax(0).to(torch.uint8).numpy()
+        probs = naive_predict_probs(naive, to_input(pixels)[None].to(device), INFER_SCALES)
+        mask = probs[0].argmax(0).to(torch.uint8).cpu().numpy()
         encode_mask(mask)
         masks.append(mask)
     return masks, time.perf_counter() - start
@@ -92,13 +95,27 @@ def ours(model, samples, precision: str, batch_size: int) -> tuple[list[np.ndarr
     return [results[s.key] for s in samples], time.perf_counter() - start
 
 
+def model_only(model, batch_size: int, precision: str, repeats: int = 5) -> float:
+    """Images/s of the five-scale forward alone: how far the decode/encode pipeline is from the device's pace."""
+    device = next(model.parameters()).device
+    x = torch.randn(batch_size, 3, H, W, device=device)
+    with torch.no_grad(), hardware.autocast(precision, device):
+        predict_probs(model, x, INFER_SCALES)
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            predict_probs(model, x, INFER_SCALES).argmax(1)
+        torch.cuda.synchronize(device)
+    return batch_size * repeats / (time.perf_counter() - start)
+
+
 def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return flop_counter.sdpa_flop_count(query, key, value)
 
 
 def flops_per_image(model) -> float:
     """Matmul/conv/attention FLOPs of the five-scale forward (the counter lacks CPU flash attention)."""
-    x = torch.zeros(1, 3, H, W)
+    x = torch.zeros(1, 3, H, W, device=next(model.parameters()).device)
     extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
     with flop_counter.FlopCounterMode(display=False, custom_mapping=extra) as counter, torch.no_grad():
         predict_probs(model, x, INFER_SCALES)
@@ -111,11 +128,15 @@ def main(argv=None) -> None:
     parser.add_argument("--bf16-images", type=int, default=2, help="bf16 is emulated (slow) on CPUs without AVX512-BF16")
     parser.add_argument("--batch-size", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, naive = make_models()
+    device = torch.device(args.device)
+    model, naive = make_models(device)
     samples = make_images(args.images)
-    ours(model, samples[:1], "fp32", 1)  # warm-up (allocator, oneDNN primitives) for both paths
+    warm = args.batch_size if device.type == "cuda" else 1  # a GPU picks kernels per batch shape
+    for precision in ("fp32", "bf16") if args.bf16_images else ("fp32",):  # warm-up: allocator, kernel choice
+        ours(model, samples[:warm], precision, args.batch_size)
     reference(naive, samples[:1])
 
     ref_masks, ref_s = reference(naive, samples)
@@ -126,7 +147,7 @@ def main(argv=None) -> None:
         "reference fp32 (1 image at a time)": (args.images / ref_s, None),
         f"ours fp32 (batch {args.batch_size})": (args.images / fp32_s, identical),
     }
-    result = {"device": "cpu", "threads": args.threads, "images": args.images, "size": [W, H], "scales": list(INFER_SCALES),
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "threads": args.threads, "images": args.images, "size": [W, H], "scales": list(INFER_SCALES),
               "reference_images_per_s": args.images / ref_s, "fp32_images_per_s": args.images / fp32_s,
               "fp32_speedup": ref_s / fp32_s, "fp32_identical_masks": identical, "fp32_differing_pixels": differing}
     if args.bf16_images:
@@ -136,17 +157,26 @@ def main(argv=None) -> None:
         rows[f"ours bf16 (batch {args.batch_size}, {n} images)"] = (n / bf16_s, agree)
         result.update({"bf16_images_per_s": n / bf16_s, "bf16_speedup_vs_reference": (n / bf16_s) / (args.images / ref_s),
                        "bf16_pixel_agreement_with_fp32": agree,
-                       "bf16_native_on_this_cpu": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())})
+                       "bf16_native": hardware.native_bf16(device)})
+    if device.type == "cuda":
+        for precision in ("fp32", "bf16"):
+            rate = model_only(model, args.batch_size, precision)
+            rows[f"model alone {precision} (batch {args.batch_size}, no I/O)"] = (rate, None)
+            result[f"model_only_{precision}_images_per_s"] = rate
     flops = flops_per_image(model)
     result["gflops_per_image"] = flops / 1e9
-    result["cpu_achieved_gflops_fp32"] = flops * result["fp32_images_per_s"] / 1e9
+    result["achieved_gflops_fp32"] = flops * result["fp32_images_per_s"] / 1e9
+    if "bf16_images_per_s" in result:
+        result["achieved_gflops_bf16"] = flops * result["bf16_images_per_s"] / 1e9
     for mfu in (0.25, 0.4):
         result[f"h100_images_per_s_at_{int(mfu * 100)}pct_mfu"] = H100_BF16_DENSE_TFLOPS * 1e12 * mfu / flops
     print(f"{'path':45s} {'images/s':>9s} {'x ref':>6s}  masks")
     for name, (rate, check) in rows.items():
         note = "" if check is None else (("identical" if check else f"{differing} px differ") if isinstance(check, bool) else f"{100 * check:.2f}% px = fp32")
         print(f"{name:45s} {rate:9.3f} {rate / result['reference_images_per_s']:6.2f}  {note}")
-    print(f"FLOPs per 500x375 image, 5 scales: {flops / 1e9:.1f} GFLOP; this CPU reaches {result['cpu_achieved_gflops_fp32']:.0f} GFLOP/s in fp32")
+    print(f"FLOPs per 500x375 image, 5 scales: {flops / 1e9:.1f} GFLOP; {result['device']} reaches {result['achieved_gflops_fp32']:.0f} GFLOP/s in fp32")
+    if "achieved_gflops_bf16" in result:
+        print(f"and {result['achieved_gflops_bf16']:.0f} GFLOP/s in bf16")
     print(f"H100 estimate (989 dense bf16 TFLOP/s): {result['h100_images_per_s_at_25pct_mfu']:.0f}-{result['h100_images_per_s_at_40pct_mfu']:.0f} images/s at 25-40% MFU")
     print(json.dumps(result, indent=1))
 

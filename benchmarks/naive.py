@@ -246,18 +246,18 @@ def naive_refine_cams_with_bkg(par, images, cams, cls_labels, high, low, ignore_
     b, _, h, w = images.shape
     small = [h // 2, w // 2]
     _images = F.interpolate(images, size=small, mode="bilinear", align_corners=False)
-    labels = torch.cat([torch.ones(b, 1), cls_labels.float().cpu()], dim=1)
+    labels = torch.cat([torch.ones(b, 1, device=cls_labels.device), cls_labels.float()], dim=1)
     out = []
     for thr in (high, low):
         planes = torch.cat([torch.ones(b, 1, h, w, device=cams.device) * thr, cams], dim=1)
         planes = F.interpolate(planes, size=small, mode="bilinear", align_corners=False)
-        lab = torch.ones(b, h, w, dtype=torch.long) * ignore_index
+        lab = torch.ones(b, h, w, dtype=torch.long, device=cams.device) * ignore_index
         for i in range(b):
             key = torch.nonzero(labels[i])[:, 0]
             sel = planes[i, key].unsqueeze(0).softmax(dim=1)
             ref = par(_images[[i]], sel)
             ref = F.interpolate(ref, size=(h, w), mode="bilinear", align_corners=False)
-            lab[i] = key[ref.argmax(dim=1)][0].cpu()
+            lab[i] = key[ref.argmax(dim=1)][0]
         out.append(lab)
     hi, lo = out
     res = hi.clone()
@@ -267,8 +267,8 @@ def naive_refine_cams_with_bkg(par, images, cams, cls_labels, high, low, ignore_
 
 
 def naive_denormalize(x):
-    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
-    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    mean = torch.tensor([123.675, 116.28, 103.53], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375], device=x.device).view(1, 3, 1, 1)
     return (x * std + mean).clamp(0, 255).to(torch.uint8).float() / 255
 
 
@@ -295,7 +295,7 @@ def naive_train_loss(model, x, labels, pseudo=None):
 
 def naive_predict_probs(model, x, scales=(0.5, 0.75, 1.0, 1.25, 1.5)):
     b, _, h, w = x.shape
-    probs = torch.zeros(b, model.K + 1, h, w)
+    probs = torch.zeros(b, model.K + 1, h, w, device=x.device)
     with torch.no_grad():
         for s in scales:
             xs = F.interpolate(x, size=(int(h * s), int(w * s)), mode="bilinear", align_corners=True)
