@@ -46,9 +46,6 @@ from system.metrics import ConfusionMatrix
 
 log = logging.getLogger("pipelines.demo")
 BUCKET = "clustercam"
-# tiny.yaml's 6 epochs (180 steps here) leave the CAMs too weak to beat the all-background baseline
-# on held-out scenes; 10 epochs at a higher rate (300 steps, ~4 min on 2 cores) reach about 2x it.
-TRAIN_OVERRIDES = ("schedule.epochs=10", "schedule.seg_start_epoch=5", "optim.lr_per_512=0.2")
 
 
 @dataclasses.dataclass
@@ -67,8 +64,7 @@ class DemoConfig:
     run_name: str = option("demo", doc="training run name (a finished run is reused)")
     num_workers: int = option(2, doc="training workers (DeepSpeed ranks)")
     zero_stage: int = option(2, doc="DeepSpeed ZeRO stage")
-    train: list[str] = option(factory=lambda: list(TRAIN_OVERRIDES),
-                              doc="key=value overrides for pipelines.train after train_config (default: the demo's longer, faster-learning schedule)")
+    train: list[str] = option(factory=list, doc="extra key=value overrides for pipelines.train")
     label: list[str] = option(factory=list, doc="extra key=value overrides for pipelines.label")
     ray_cpus: int = option(0, doc="CPUs of the Ray head the demo starts; 0: this machine's count")
 

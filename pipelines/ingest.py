@@ -41,6 +41,7 @@ class IngestConfig:
     verify: Verify = option("decode", doc="decode: decode every image (JPEG at 1/8 scale); header: header + end marker only, near copy speed")
     progress_every_s: float = option(10.0, doc="seconds between progress lines")
     metrics_port: int = option(0, doc="Prometheus port of the driver (clustercam_ingest_*); 0: off")
+    metrics_addr: str = option("127.0.0.1", doc="address the metrics endpoint binds to (0.0.0.0 for a Prometheus on another host)")
 
 
 def run(cfg: IngestConfig) -> dict:
@@ -73,7 +74,7 @@ def run(cfg: IngestConfig) -> dict:
     for reject in work.rejects:
         metrics.rejects.labels(reason=reject["code"]).inc()
     if cfg.metrics_port:
-        start_metrics_server(cfg.metrics_port)
+        start_metrics_server(cfg.metrics_port, cfg.metrics_addr)
     if todo:
         ray = start_ray()
         from workers.ingest import ingest_shard

@@ -81,7 +81,7 @@ def run(cfg: LabelConfig) -> dict:
         lines = "".join(json.dumps({**r, "run": run_id}) + "\n" for r in plan.rejects)
         storage.put_bytes(storage.join(cfg.output, FAILURES_DIR, f"part-{run_id}-driver-00000.jsonl"), lines.encode())
     if cfg.metrics_port:
-        start_metrics_server(cfg.metrics_port)
+        start_metrics_server(cfg.metrics_port, cfg.metrics_addr)
 
     ray = start_ray(storage.aws_env())
     from workers.label import LabelActor

@@ -22,16 +22,23 @@ def _scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def multi_scale_cam(model: ClusterCAM, x: torch.Tensor, scales: Sequence[float] = TRAIN_CAM_SCALES) -> torch.Tensor:
+def multi_scale_cam(
+    model: ClusterCAM,
+    x: torch.Tensor,
+    scales: Sequence[float] = TRAIN_CAM_SCALES,
+    n_layers: int = 3,
+    p2p_refine: bool = True,
+) -> torch.Tensor:
     """Training-time CAMs (B,K,H,W) in [0,1): max over flips, sum over scales, min-max per map.
 
     Scale 1.0 always runs (first); the model's mode is the caller's (the authors use train mode).
+    ``n_layers`` and ``p2p_refine`` are ``model.cam``'s (spec a.7).
     """
     B, _, H, W = x.shape
     total = None
     for scale in (1.0, *[s for s in scales if s != 1.0]):
         xs = x if scale == 1.0 else F.interpolate(x, _scaled_size(H, W, scale), mode="bilinear", align_corners=False)
-        cam = model.cam(torch.cat([xs, xs.flip(-1)], dim=0)).float()
+        cam = model.cam(torch.cat([xs, xs.flip(-1)], dim=0), n_layers, p2p_refine).float()
         cam = F.interpolate(cam, (H, W), mode="bilinear", align_corners=False)
         cam = F.relu(torch.maximum(cam[:B], cam[B:].flip(-1)))
         total = cam if total is None else total + cam

@@ -34,6 +34,11 @@ class ScheduleConfig:
     grad_accum: int = option(1, "micro-batches per optimizer step on each worker")
     cam_scales: tuple[float, ...] = option((1.0, 0.75, 1.25), "scales of the training-time multi-scale CAM")
     cam_train_mode: bool = option(True, "make training CAMs with drop path active, as the authors do (spec e.9)")
+    cam_layers: int = option(3, "last blocks whose class-to-patch attention gates the CAM (spec a.7 n_layers)")
+    cam_p2p_refine: bool = option(
+        True, "spread CAMs along every block's patch-to-patch attention (spec a.7); off for a model trained "
+        "from scratch, whose diffuse attention smears the CAM over the whole image"
+    )
     bg_threshold: float = option(0.4, "background threshold of the pseudo labels (VOC 0.40, COCO 0.43)")
     ignore_delta: float = option(0.1, "half-width of the ignored band around bg_threshold")
     seg_loss_weight: float = option(SEG_LOSS_WEIGHT, "weight of the segmentation loss")
@@ -115,6 +120,8 @@ class TrainConfig:
             raise ValueError("schedule.epochs must be >= 1 and schedule.seg_start_epoch >= 0")
         if self.schedule.grad_accum < 1:
             raise ValueError(f"schedule.grad_accum must be >= 1, got {self.schedule.grad_accum}")
+        if not 1 <= self.schedule.cam_layers <= self.model.depth:
+            raise ValueError(f"schedule.cam_layers must be 1..model.depth ({self.model.depth}), got {self.schedule.cam_layers}")
 
     @property
     def global_batch(self) -> int:
@@ -146,7 +153,7 @@ def _cams(model: ClusterCAM, images: torch.Tensor, cfg: ScheduleConfig, train_mo
     was_training = model.training
     model.train(train_mode)
     try:
-        return multi_scale_cam(model, images, cfg.cam_scales)
+        return multi_scale_cam(model, images, cfg.cam_scales, cfg.cam_layers, cfg.cam_p2p_refine)
     finally:
         model.train(was_training)
 

@@ -54,6 +54,9 @@ def tiny_config(data: str, output: str, **overrides) -> TrainConfig:
         "max_failures": 0,
         "metrics.log_every_steps": 1,
         "optim.warmup_epochs": 0,
+        # the rate these parity bounds were derived at: Adam turns float32 noise in near-zero
+        # gradients into steps of up to ~lr, so tiny.yaml's faster recipe would need looser ones
+        "optim.lr_per_512": 0.03,
     }
     base.update(overrides)
     return load_config(TrainConfig, "configs/tiny.yaml", [f"data={data}", f"output={output}"] + [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in base.items()])

@@ -49,7 +49,7 @@ class LabelActor:
         # a restarted actor must not overwrite the parts of the instance it replaces
         self.writer = OutputWriter(cfg, class_names, run_id, f"a{index}-{uuid.uuid4().hex[:6]}", model_id, self.pool)
         self.metrics = label_metrics()
-        self.metrics_port = start_metrics_server(cfg.metrics_port + 1 + index) if cfg.metrics_port else None
+        self.metrics_port = start_metrics_server(cfg.metrics_port + 1 + index, cfg.metrics_addr) if cfg.metrics_port else None
         self.bar = tqdm_ray.tqdm(desc=f"label actor {index}", unit="img", position=index)
 
     def info(self) -> dict:

@@ -211,7 +211,7 @@ class Labeller:
     def cam(self, x: torch.Tensor, tags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,h,w) PAR pseudo labels (spec b.7) and confidences (tag CAM of the winner; 1 - max for bg)."""
         with self._autocast():
-            cams = multi_scale_cam(self.model, x, self.cfg.cam_scales)
+            cams = multi_scale_cam(self.model, x, self.cfg.cam_scales, self.cfg.cam_layers, self.cfg.cam_p2p_refine)
         cams = cams.float() * tags[:, :, None, None]
         labels = pseudo_labels(denormalize(x), cams, tags, self.cfg.bg_threshold, self.cfg.ignore_delta)
         top = cams.max(dim=1).values
