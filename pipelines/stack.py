@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import boto3
@@ -196,6 +196,7 @@ class RayHead:
     address: str
     temp_dir: str
     token_path: str
+    dashboard: str = ""  # http address of the job server (`ray job submit --address`) and the state API
 
     def env(self) -> dict[str, str]:
         return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path}
@@ -216,27 +217,34 @@ class RayHead:
                 proc.kill()
 
 
-def start_ray_head(workdir: str | Path, num_cpus: int = 2, memory_gb: float = 4.0) -> RayHead:
+def start_ray_head(workdir: str | Path, num_cpus: int = 2, memory_gb: float = 4.0,
+                   env: dict[str, str] | None = None) -> RayHead:
+    """``env`` is added to the head's environment, which its jobs and workers inherit: the local
+    stack passes the S3 endpoint and credentials so a bare ``ray job submit`` can reach storage."""
     workdir = Path(workdir)
     temp_dir = Path(tempfile.mkdtemp(prefix="ccray-"))
     token_path = workdir / "ray-token"
     if not token_path.exists():
         token_path.touch(mode=0o600)
         token_path.write_text(secrets.token_hex(32))
-    port, client_port, manager_port, object_port, metrics_port = free_ports(5)
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+    port, client_port, manager_port, object_port, metrics_port, dashboard_port, *agent_ports = free_ports(9)
+    env = dict(os.environ, **(env or {}), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
     cmd = [
         str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.2",
         f"--port={port}", f"--ray-client-server-port={client_port}", f"--node-manager-port={manager_port}",
         f"--object-manager-port={object_port}", f"--metrics-export-port={metrics_port}",
-        "--include-dashboard=false", f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}",
+        # the dashboard serves `ray job submit` and the state API, which Ray Train's placement-group
+        # cleaner polls every second (a warning per poll without it)
+        "--include-dashboard=true", "--dashboard-host=127.0.0.2", f"--dashboard-port={dashboard_port}",
+        f"--dashboard-agent-listen-port={agent_ports[0]}", f"--dashboard-agent-grpc-port={agent_ports[1]}",
+        f"--runtime-env-agent-port={agent_ports[2]}", f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}",
         f"--memory={int(memory_gb * 2**30)}", f"--object-store-memory={int(memory_gb * 2**30 / 4)}",
         "--disable-usage-stats",
     ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"ray start failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    return RayHead(f"127.0.0.2:{port}", str(temp_dir), str(token_path))
+    return RayHead(f"127.0.0.2:{port}", str(temp_dir), str(token_path), f"http://127.0.0.2:{dashboard_port}")
 
 
 def _state_file(stack_dir: Path) -> Path:
@@ -251,10 +259,11 @@ def _cmd_start(args) -> None:
     server = start_s3(stack_dir, buckets=(args.bucket,), detach=True)
     state = {"s3": {"pid": server.pid, "endpoint": server.endpoint, "ports": server.ports, "bucket": args.bucket}}
     if args.ray:
-        head = start_ray_head(stack_dir, num_cpus=args.ray_cpus)
-        state["ray"] = {"address": head.address, "temp_dir": head.temp_dir, "token_path": head.token_path}
+        head = start_ray_head(stack_dir, num_cpus=args.ray_cpus, env=server.env())
+        state["ray"] = asdict(head)
     _state_file(stack_dir).write_text(json.dumps(state, indent=1))
-    print(f"S3 endpoint {server.endpoint}, bucket s3://{args.bucket}" + (f", Ray at {state['ray']['address']}" if args.ray else ""))
+    print(f"S3 endpoint {server.endpoint}, bucket s3://{args.bucket}"
+          + (f", Ray at {head.address} (jobs: ray job submit --address {head.dashboard})" if args.ray else ""))
     print(f"eval \"$(python -m pipelines.stack env --dir {stack_dir})\" to use it")
 
 
