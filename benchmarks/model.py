@@ -34,9 +34,10 @@ from benchmarks.naive import (
     naive_refine_cams_with_bkg,
     naive_train_loss,
 )
-from benchmarks.pretrain import normalise, scenes
+from benchmarks.pretrain import scenes
 from system.cam import multi_scale_cam, predict_probs
 from system.hardware import autocast
+from system.label.infer import to_input
 from system.losses import clustercam_loss
 from system.model import build_clustercam, read_state_dict
 from system.optim import OptimConfig, adamw
@@ -75,7 +76,7 @@ def inputs(n: int, size: int, trained: bool, device: torch.device) -> tuple[torc
     """Images and labels: scenes with objects for a trained model (its CAMs follow them), else smooth noise."""
     if trained:
         images, labels = scenes(n, size, seed=99)
-        return normalise(images).to(device), labels.to(device)
+        return to_input(images).to(device), labels.to(device)
     return smooth_images(n, size, size).to(device), labels_for(n).to(device)
 
 

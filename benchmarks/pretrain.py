@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from system.data.sources.synthetic import render
-from system.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from system.hardware import autocast, resolve_precision
+from system.label.infer import to_input
 from system.losses import clustercam_loss
 from system.model import build_clustercam
 from system.optim import OptimConfig, adamw
@@ -42,17 +42,10 @@ def _scene(args: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def scenes(n: int, size: int, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n,3,size,size) uint8 images and (n,K) multi-hot labels, rendered in parallel."""
+    """(n,size,size,3) uint8 images and (n,K) multi-hot labels, rendered in parallel."""
     with ProcessPoolExecutor() as pool:
         items = list(pool.map(_scene, [(i, size, seed) for i in range(n)], chunksize=64))
-    images = torch.from_numpy(np.stack([im for im, _ in items])).permute(0, 3, 1, 2).contiguous()
-    return images, torch.from_numpy(np.stack([lab for _, lab in items]))
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+    return torch.from_numpy(np.stack([im for im, _ in items])), torch.from_numpy(np.stack([lab for _, lab in items]))
 
 
 def main() -> None:
@@ -78,7 +71,7 @@ def main() -> None:
     optimizer = adamw(model, OptimConfig(), lr=args.lr)
     warmup = max(1, args.steps // 20)
     g = torch.Generator(device="cpu").manual_seed(0)
-    crop = images.shape[-1] - args.size
+    crop = images.shape[1] - args.size
     start = time.perf_counter()
     for step in range(args.steps):
         lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
@@ -86,7 +79,7 @@ def main() -> None:
             group["lr"] = lr
         idx = torch.randint(len(images), (args.batch,), generator=g).to(device)
         top, left = torch.randint(crop + 1, (2,), generator=g).tolist()
-        x = normalise(images[idx, :, top : top + args.size, left : left + args.size])
+        x = to_input(images[idx, top : top + args.size, left : left + args.size])
         if torch.rand(1, generator=g).item() < 0.5:
             x = x.flip(-1)
         with autocast(precision, device):
