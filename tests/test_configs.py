@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from system.config import load_config
 from system.label.config import LabelConfig
+from system.label.infer import Labeller
+from system.model import build_clustercam, export_model, load_clustercam
 from system.training import TrainConfig
 
 TRAIN_CONFIGS = ["voc.yaml", "coco.yaml", "openimages.yaml", "tiny.yaml"]
@@ -33,9 +36,17 @@ def test_cam_layers_must_fit_the_model():
         load_config(TrainConfig, "configs/tiny.yaml", ["data=d", "output=o", "schedule.cam_layers=13"])
 
 
-def test_tiny_recipe_makes_cams_without_p2p_refinement():
-    """configs/tiny.yaml trains from scratch; its labelling config must make CAMs the same way."""
-    tiny = load_config(TrainConfig, "configs/tiny.yaml", ["data=d", "output=o"])
-    label = load_config(LabelConfig, "configs/label-tiny.yaml")
-    assert tiny.schedule.cam_p2p_refine is False and label.cam_p2p_refine is False
+def test_labelling_makes_cams_as_the_model_was_trained(tmp_path):
+    """tiny.yaml trains without p2p refinement; its exported model says so and labelling follows it."""
+    assert load_config(TrainConfig, "configs/tiny.yaml", ["data=d", "output=o"]).schedule.cam_p2p_refine is False
     assert load_config(TrainConfig, "configs/voc.yaml", ["data=d", "output=o"]).schedule.cam_p2p_refine is True
+    small = {"num_classes": 2, "embed_dim": 24, "depth": 2, "num_heads": 2, "img_size": 32, "decoder_channels": 8}
+    export_model(build_clustercam(**small), str(tmp_path / "m"), class_names=["a", "b"],
+                 extra={"cam": {"layers": 2, "p2p_refine": False}})
+    trained = load_clustercam(str(tmp_path / "m"))
+    cfg = load_config(LabelConfig, "configs/label-tiny.yaml", ["model=m", "data=d", "output=o"])
+    labeller = Labeller(trained, cfg, ["a", "b"])
+    assert (labeller.cam_layers, labeller.cam_p2p_refine) == (2, False)
+    assert Labeller(trained, dataclasses.replace(cfg, cam_p2p_refine=True), ["a", "b"]).cam_p2p_refine is True
+    unknown = Labeller(build_clustercam(**small), cfg, ["a", "b"])  # an authors' checkpoint: the paper's CAM
+    assert (unknown.cam_layers, unknown.cam_p2p_refine) == (3, True)

@@ -135,6 +135,7 @@ def test_zero_stages_match_single_process_and_loss_falls(ray_cluster, dataset, s
     assert rows[0]["loss_seg"] is None and rows[-1]["loss_seg"] is not None  # both phases ran
     assert [r["loss"] for r in rows] == pytest.approx(ref_losses, rel=1e-5)
     exported = load_clustercam(cfg.run_uri() + "/model")
+    assert exported.cam_settings == {"layers": cfg.schedule.cam_layers, "p2p_refine": cfg.schedule.cam_p2p_refine}
     assert dataset_loss(exported, cfg) < dataset_loss(initial_model(cfg), cfg)
     ref_sd = ref_model.state_dict()
     for name, value in exported.state_dict().items():

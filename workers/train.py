@@ -343,7 +343,8 @@ def train_loop_per_worker(config: dict) -> None:
             cfg.run_uri() + "/model",
             class_names=class_names,
             run_id=cfg.run_name,
-            extra={"dataset": cfg.data, "steps": position.global_step, "final_metrics": row},
+            extra={"dataset": cfg.data, "steps": position.global_step, "final_metrics": row,
+                   "cam": {"layers": cfg.schedule.cam_layers, "p2p_refine": cfg.schedule.cam_p2p_refine}},
             state_dict=weights,
         )
     if dist.is_initialized():

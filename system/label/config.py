@@ -26,8 +26,8 @@ class LabelConfig:
     mode: Mode = option("seg", doc="seg: multi-scale segmentation head (spec c.1); cam: CAM + PAR pseudo labels (spec b.4-b.7); both: seg in masks/, cam in cam_masks/")
     scales: list[float] = option(factory=lambda: list(INFER_SCALES), doc="seg: test-time scales")
     cam_scales: list[float] = option(factory=lambda: list(TRAIN_CAM_SCALES), doc="cam: CAM scales (1.0 always runs)")
-    cam_layers: int = option(3, doc="cam: last blocks whose class-to-patch attention gates the CAM (spec a.7)")
-    cam_p2p_refine: bool = option(True, doc="cam: refine along patch-to-patch attention (spec a.7); as the model was trained")
+    cam_layers: int | None = option(None, doc="cam: last blocks whose class-to-patch attention gates the CAM (spec a.7); empty: as the model was trained (model.json), else 3")
+    cam_p2p_refine: bool | None = option(None, doc="cam: refine along patch-to-patch attention (spec a.7); empty: as the model was trained (model.json), else true")
     bg_threshold: float = option(0.4, doc="cam: background threshold (spec b.7; COCO recipe 0.43)")
     ignore_delta: float = option(0.1, doc="cam: half width of the ignore band around bg_threshold")
     restrict_to_tags: bool = option(True, doc="seg: only background and the image's tagged classes may win a pixel")
@@ -53,7 +53,7 @@ class LabelConfig:
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
         for name in ("batch_size", "num_actors", "decode_threads", "manifest_chunk", "flush_every", "max_side", "cam_layers"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"scales must be a non-empty list of positive numbers, got {self.scales}")

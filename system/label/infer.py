@@ -156,6 +156,9 @@ class Labeller:
         self.num_classes = model.cfg.num_classes
         self.device = next(model.parameters()).device
         self.dtype = resolve_precision(cfg.precision, self.device)
+        trained = getattr(model, "cam_settings", {})
+        self.cam_layers = cfg.cam_layers if cfg.cam_layers is not None else trained.get("layers", 3)
+        self.cam_p2p_refine = cfg.cam_p2p_refine if cfg.cam_p2p_refine is not None else trained.get("p2p_refine", True)
         scales = [*(cfg.scales if "seg" in cfg.modes else []), *(cfg.cam_scales if "cam" in cfg.modes else [])]
         # every scaled copy must hold at least one patch (int() truncates, hence the ceil)
         self.min_side = math.ceil(model.cfg.patch_size / min(min(scales), 1.0))
@@ -211,7 +214,7 @@ class Labeller:
     def cam(self, x: torch.Tensor, tags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,h,w) PAR pseudo labels (spec b.7) and confidences (tag CAM of the winner; 1 - max for bg)."""
         with self._autocast():
-            cams = multi_scale_cam(self.model, x, self.cfg.cam_scales, self.cfg.cam_layers, self.cfg.cam_p2p_refine)
+            cams = multi_scale_cam(self.model, x, self.cfg.cam_scales, self.cam_layers, self.cam_p2p_refine)
         cams = cams.float() * tags[:, :, None, None]
         labels = pseudo_labels(denormalize(x), cams, tags, self.cfg.bg_threshold, self.cfg.ignore_delta)
         top = cams.max(dim=1).values

@@ -162,6 +162,7 @@ def load_clustercam(src: str | Path | Mapping, **overrides) -> ClusterCAM:
         raise CheckpointError(f"{name} does not match the ClusterCAM layout: {exc}") from exc
     model.class_names = meta.get("class_names")
     model.source_id = meta.get("run_id")
+    model.cam_settings = meta.get("cam", {})  # how training made its CAMs: {"layers", "p2p_refine"}
     return model.eval()
 
 
