@@ -171,7 +171,7 @@ def peak_step_memory(step, device: torch.device) -> int:
         step()
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
         prof.export_chrome_trace(trace.name)
-        events = [e["args"] for e in json.load(open(trace.name))["traceEvents"] if e.get("name") == "[memory]"]
+        events = [e["args"] for e in json.load(trace)["traceEvents"] if e.get("name") == "[memory]"]
     # "Total Allocated" counts from the profiler's start; frees of older blocks are not in it (unknown size)
     base = events[0]["Total Allocated"] - events[0]["Bytes"]
     return max(e["Total Allocated"] for e in events) - base
