@@ -20,6 +20,7 @@ import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -171,7 +172,8 @@ def peak_step_memory(step, device: torch.device) -> int:
         step()
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
         prof.export_chrome_trace(trace.name)
-        events = [e["args"] for e in json.load(trace)["traceEvents"] if e.get("name") == "[memory]"]
+        # the profiler replaces the file at this path, so read the path, not the handle
+        events = [e["args"] for e in json.loads(Path(trace.name).read_text())["traceEvents"] if e.get("name") == "[memory]"]
     # "Total Allocated" counts from the profiler's start; frees of older blocks are not in it (unknown size)
     base = events[0]["Total Allocated"] - events[0]["Bytes"]
     return max(e["Total Allocated"] for e in events) - base
