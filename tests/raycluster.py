@@ -38,18 +38,21 @@ class LocalCluster:
     gcs_port: int = 0
     dashboard_port: int = 0
     temp_dirs: list[str] = field(default_factory=list)
+    # workers listen below the ephemeral range (32768+) that free_port() draws from, so no other
+    # port of the cluster can fall inside a node's worker range; each node gets its own range
+    next_worker_port: int = 20000
 
     @property
     def dashboard(self) -> str:
         return f"http://{self.head_ip}:{self.dashboard_port}"
 
     def _ports(self) -> list[str]:
-        base = free_port()
+        low, self.next_worker_port = self.next_worker_port, self.next_worker_port + 300
         return [
             f"--node-manager-port={free_port()}",
             f"--object-manager-port={free_port()}",
-            f"--min-worker-port={base + 1000 if base < 50000 else 20000}",
-            f"--max-worker-port={(base + 1000 if base < 50000 else 20000) + 200}",
+            f"--min-worker-port={low}",
+            f"--max-worker-port={low + 200}",
             f"--metrics-export-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}",
             f"--dashboard-agent-grpc-port={free_port()}",
