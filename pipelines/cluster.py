@@ -9,7 +9,9 @@ def start_ray(env_vars: dict[str, str] | None = None):
     """Join the cluster this process belongs to, or start a local Ray.
 
     Under ``ray job submit`` (or with ``RAY_ADDRESS`` set) the driver joins that cluster; otherwise a
-    local Ray starts, without the dashboard. ``env_vars`` (e.g. the AWS settings) go to every worker
+    local Ray starts, with its dashboard as ``ray.init()`` gives it: Ray Train's placement-group
+    cleaner asks the dashboard's state API every second whether the run is alive, and without one it
+    logs a failure each time for the whole run. ``env_vars`` (e.g. the AWS settings) go to every worker
     through the job's runtime environment: workers take their environment from the raylet, not from
     the driver.
     """
@@ -20,5 +22,5 @@ def start_ray(env_vars: dict[str, str] | None = None):
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address="auto", runtime_env=runtime_env, log_to_driver=True)
         else:
-            ray.init(include_dashboard=False, runtime_env=runtime_env)
+            ray.init(runtime_env=runtime_env)
     return ray

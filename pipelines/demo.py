@@ -7,7 +7,7 @@ a Ray head, ``pipelines.stack``), then runs the same entry points a cluster runs
 ``python -m pipelines.<name>`` process joined to that Ray head, exactly as ``ray job submit`` would:
 
 1. ingest a synthetic train split and a held-out split (another seed: other scenes) into shards;
-2. train ``configs/tiny.yaml`` on the train split with 2 DeepSpeed ZeRO workers under Ray Train;
+2. train ``configs/tiny.yaml`` on the train split with 2 DeepSpeed data-parallel workers under Ray Train;
 3. label the held-out split with the exported model (``configs/label-tiny.yaml``);
 4. evaluate the masks against the held-out GT masks, next to the all-background baseline;
 
@@ -63,7 +63,7 @@ class DemoConfig:
     label_config: str = option("configs/label-tiny.yaml", doc="labelling config file")
     run_name: str = option("demo", doc="training run name (a finished run is reused)")
     num_workers: int = option(2, doc="training workers (DeepSpeed ranks)")
-    zero_stage: int = option(2, doc="DeepSpeed ZeRO stage")
+    zero_stage: int = option(0, doc="DeepSpeed ZeRO stage (0: data parallel, the fast choice for a model this small)")
     train: list[str] = option(factory=list, doc="extra key=value overrides for pipelines.train")
     label: list[str] = option(factory=list, doc="extra key=value overrides for pipelines.label")
     ray_cpus: int = option(0, doc="CPUs of the Ray head the demo starts; 0: this machine's count")

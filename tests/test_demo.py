@@ -106,7 +106,7 @@ def test_summary_scores_match_an_independent_baseline_and_the_eval_file(demo, de
     assert summary["miou"] == pytest.approx(evaluation["miou"]) and evaluation["images"] == HELDOUT
     assert evaluation["missing_masks"] == 0
     assert 0 <= summary["miou"] <= 1 and summary["cam_miou"] is not None
-    assert summary["training"]["steps"] == 4 and summary["training"]["zero_stage"] == 2
+    assert summary["training"]["steps"] == 4 and summary["training"]["zero_stage"] == 0
     assert summary["throughput"]["train_samples_per_s"] > 0 and summary["throughput"]["label_images_per_s"] > 0
 
 

@@ -118,7 +118,7 @@ def reference(dataset, s3_bucket):
     return single_process_reference(tiny_config(dataset, f"s3://{s3_bucket}/unused"))
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stages_match_single_process_and_loss_falls(ray_cluster, dataset, s3_root, reference, stage):
     validation = {  # ZeRO-3 forwards are collective: validation must keep the ranks in step
         "validation.data": dataset, "validation.image_size": 64, "validation.batch_size": 4,
