@@ -1,9 +1,10 @@
 """Training-stream throughput against bare JPEG decode + resize of the same images.
 
-    python -m benchmarks.stream [--images 1500] [--size 320] [--crop 224] [--workers 2] [--batch 32]
+    python -m benchmarks.stream [--images 1500] [--size 320] [--crop 224] [--workers 2] [--batch 32] [--rounds 3]
 
 The baseline decodes each JPEG (already in memory) with PIL and resizes it to crop x crop in one
-process: the work no stream can avoid. The stream reads the same images as shards from the S3
+process: the work no stream can avoid. It runs right before every stream epoch, and the ratio is the
+median over rounds of the two, because this machine's speed drifts by more than the gap measured. The stream reads the same images as shards from the S3
 server and runs the whole path (shard split, S3 read, shuffle buffer, late decode, transform,
 normalise, batching, DataLoader workers) for one epoch without resampling, so every image is
 processed once. "per core" is images per CPU-second of every process involved (main process and
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import statistics
 import tarfile
 import tempfile
 import time
@@ -61,6 +63,7 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="baseline + stream pairs per augmentation (medians)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,12 +76,14 @@ def main() -> None:
             print(f"{len(data)} JPEGs of {args.size}x{args.size} in {len(read_dataset(uri)['shards'])} shards on "
                   f"{server.endpoint}; crops {args.crop}, batch {args.batch}, {args.workers} loader workers")
             clock = CpuClock(exclude=(server.pid,))
-            t0, c0 = time.perf_counter(), clock.now()
-            for jpeg in data:
-                Image.open(io.BytesIO(jpeg)).convert("RGB").resize((args.crop, args.crop), Image.BILINEAR)
-            wall, base = len(data) / (time.perf_counter() - t0), len(data) / (clock.now() - c0)
-            print(f"bare decode + resize, 1 process: {wall:7.0f} images/s   {base:7.0f} images/s/core")
-            for augment in ("none", "light", "paper"):
+
+            def bare() -> float:
+                c0 = clock.now()
+                for jpeg in data:
+                    Image.open(io.BytesIO(jpeg)).convert("RGB").resize((args.crop, args.crop), Image.BILINEAR)
+                return len(data) / (clock.now() - c0)
+
+            def stream(augment: str) -> tuple[float, float, float, float]:
                 cfg = StreamConfig(batch_size=args.batch, image_size=args.crop, augment=augment,
                                    num_workers=args.workers, shuffle_buffer=500, resampled=False)
                 t0, c0 = time.perf_counter(), clock.now()
@@ -86,10 +91,18 @@ def main() -> None:
                 next(batches)
                 t1, c1 = time.perf_counter(), clock.now()  # workers up, first batch out: the per-epoch start-up
                 seen = sum(images.shape[0] for images, _ in batches)
-                rate, per_core = seen / (time.perf_counter() - t1), seen / (clock.now() - c1)
+                return seen / (time.perf_counter() - t1), seen / (clock.now() - c1), t1 - t0, c1 - c0
+
+            for augment in ("none", "light", "paper"):
+                rounds = []
+                for _ in range(args.rounds):  # the baseline next to each run: this machine's speed drifts
+                    rounds.append((bare(), *stream(augment)))
+                base, rate, per_core, start, start_cpu = (statistics.median(r[i] for r in rounds) for i in range(5))
+                ratio = statistics.median(r[2] / r[0] for r in rounds)
                 target = "" if augment == "paper" else " (target >= 0.8x)"
-                print(f"stream augment={augment:5s}:          {rate:7.0f} images/s   {per_core:7.0f} images/s/core   "
-                      f"ratio {per_core / base:.2f}x per core{target}; start-up {t1 - t0:.1f} s, {c1 - c0:.1f} CPU-s")
+                print(f"stream augment={augment:5s}: {rate:5.0f} images/s {per_core:5.0f} images/s/core; bare decode + "
+                      f"resize {base:5.0f} images/s/core; ratio {ratio:.2f}x per core{target}; "
+                      f"start-up {start:.1f} s, {start_cpu:.1f} CPU-s")
         finally:
             server.stop()
 

@@ -240,6 +240,45 @@ def test_long_member_names_survive_tar_readers():
     assert len(out.getvalue()) % 10240 == 0
 
 
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax"])
+def test_tar_reader_reads_what_tarfile_writes(fmt):
+    import tarfile
+
+    names = ["d/a.jpg", "d/a.json", "y" * 120 + ".jpg", "noext", "B.JPG", "B.mask.png"]
+    if fmt == "ustar":
+        names[2] = "p" * 90 + "/" + "y" * 60 + ".jpg"  # ustar splits long names into prefix + name
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=getattr(tarfile, f"{fmt.upper()}_FORMAT")) as tar:
+        directory = tarfile.TarInfo("d")
+        directory.type = tarfile.DIRTYPE  # not a file: skipped
+        tar.addfile(directory)
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 600 * i
+            tar.addfile(info, io.BytesIO(bytes([i]) * info.size))
+    files = list(shards.read_tar(io.BytesIO(out.getvalue())))
+    assert files == [(name, bytes([i]) * 600 * i) for i, name in enumerate(names)]
+    samples = list(shards.group_samples(files))
+    assert [sorted(s) for s in samples] == [["__key__", "jpg", "json"], ["__key__", "jpg"], ["__key__", "jpg", "mask.png"]]
+    assert samples[0]["__key__"] == "d/a" and samples[2]["__key__"] == "B"
+
+
+def test_tar_reader_refuses_damaged_streams():
+    import tarfile
+
+    out = io.BytesIO()
+    shards.write_tar(out, [("k1", [("jpg", b"a" * 1000)]), ("k2", [("jpg", b"b" * 1000)])])
+    data = out.getvalue()
+    assert [name for name, _ in shards.read_tar(io.BytesIO(data))] == ["k1.jpg", "k2.jpg"]
+    for cut in (1500, 1600, 2000):  # inside the second header, its data, its padding
+        with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
+            list(shards.read_tar(io.BytesIO(data[:cut])))
+    flipped = bytearray(data)
+    flipped[1536 + 5] ^= 1  # a bit of the second header's name
+    with pytest.raises(tarfile.ReadError, match="checksum"):
+        list(shards.read_tar(io.BytesIO(bytes(flipped))))
+
+
 def test_csv_manifest_with_pipe_separated_labels_and_relative_paths(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.jpg").write_bytes(_jpeg(RGB))

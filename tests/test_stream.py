@@ -221,3 +221,19 @@ def test_train_stream_skips_an_undecodable_sample(tmp_path, caplog):
     batches = list(train_loader(uri, 0, 1, _cfg(resampled=False, num_workers=0, batch_size=2)))
     assert sum(images.shape[0] for images, _ in batches) == 5
     assert "skipping sample" in caplog.text
+
+
+@pytest.mark.parametrize("size", [(320, 240), (1000, 50), (7, 7)])
+def test_light_crops_follow_random_resized_crop(size):
+    import random
+
+    from system.data.transforms import resized_crop_box
+
+    rng = random.Random(0)
+    width, height = size
+    for _ in range(200):
+        left, top, right, bottom = resized_crop_box(width, height, rng)
+        w, h = right - left, bottom - top
+        assert 0 <= left < right <= width and 0 <= top < bottom <= height
+        # torchvision's bounds (0.08-1 of the area) hold except on the centre-crop fallback
+        assert 3 / 4 - 0.2 <= w / h <= 4 / 3 + 0.2 or (w, h) in ((width, round(width * 3 / 4)), (round(height * 4 / 3), height), (width, height))

@@ -288,7 +288,8 @@ def train_loop_per_worker(config: dict) -> None:
     engine.train()
     while position.global_step < total_steps:
         epoch = position.epoch
-        batches = iter(train_loader(cfg.data, rank, world, scfg, epoch=epoch, skip_batches=position.step_in_epoch * accum))
+        batches = iter(train_loader(cfg.data, rank, world, scfg, epoch=epoch, skip_batches=position.step_in_epoch * accum,
+                                    device=device))
         metrics.epoch.labels(tag).set(epoch)
         while position.step_in_epoch < steps and position.global_step < total_steps:
             lr = learning_rate(cfg.optim, cfg.global_batch, cfg.schedule.epochs, steps, position.global_step)

@@ -19,6 +19,8 @@ Public API::
     escape_id(id) -> key;  unescape_key(key) -> id
     check_id(id) -> None                          # raises UnsafeId for ids no dataset should carry
     write_tar(fileobj, samples) -> (size, sha256) # samples: iterable of (key, [(ext, bytes)...])
+    read_tar(fileobj) -> iterator of (name, bytes)  # regular files; raises tarfile.ReadError when cut short
+    group_samples(files) -> iterator of {"__key__": key, ext: bytes, ...}  # WebDataset's grouping
     read_dataset(uri) -> dict                     # parsed dataset.json, format checked
     shard_uris(uri, info) -> list[str]
 """
@@ -28,7 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+import tarfile
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 from system import storage
@@ -155,6 +158,91 @@ def write_tar(fileobj: BinaryIO, samples: Iterable[tuple[str, list[tuple[str, by
             tar.add(f"{key}.{ext}", data)
     tar.close()
     return tar.size, tar.digest.hexdigest()
+
+
+def _number(field: bytes) -> int:
+    if field[:1] == b"\x80":  # GNU base-256, for members over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    digits = field.rstrip(b"\0 ").lstrip(b" ")
+    return int(digits, 8) if digits else 0
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    records, i = {}, 0
+    while i < len(data) and data[i:i + 1] != b"\0":
+        space = data.index(b" ", i)
+        length = int(data[i:space])
+        key, _, value = data[space + 1 : i + length - 1].partition(b"=")
+        records[key] = value
+        i += length
+    return records
+
+
+def _read_exactly(f: BinaryIO, size: int, what: str) -> bytes:
+    data = f.read(size)
+    if len(data) != size:
+        raise tarfile.ReadError(f"unexpected end of data in {what} ({len(data)} of {size} bytes)")
+    return data
+
+
+def read_tar(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """The regular files of a tar stream, in order.
+
+    The reading half of :class:`_TarWriter`: tarfile (and WebDataset's iterator over it) costs more
+    CPU per member than decoding a small JPEG, the training stream's real work. Reads ustar headers
+    with pax ``path`` records and GNU long names, so it also reads tars other tools wrote; checksums
+    are checked, and a stream cut short raises ``tarfile.ReadError``.
+    """
+    long_name: bytes | None = None
+    while True:
+        header = f.read(_BLOCK)
+        if not header or header == bytes(_BLOCK):
+            return
+        if len(header) != _BLOCK:
+            raise tarfile.ReadError(f"unexpected end of data in a header ({len(header)} of {_BLOCK} bytes)")
+        stored = _number(header[148:156])
+        if stored != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise tarfile.ReadError("bad tar header checksum")
+        size, typeflag = _number(header[124:136]), header[156:157]
+        data = _read_exactly(f, size, "a member")
+        _read_exactly(f, -size % _BLOCK, "padding")
+        if typeflag == b"x":
+            long_name = _pax_records(data).get(b"path", long_name)
+        elif typeflag == b"L":
+            long_name = data.rstrip(b"\0")
+        elif typeflag in (b"0", b"\0", b"7"):
+            name = long_name
+            if name is None:
+                name = header[:100].split(b"\0", 1)[0]
+                prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+                if prefix:
+                    name = prefix + b"/" + name
+            long_name = None
+            yield name.decode("utf-8", "surrogateescape"), data
+        else:
+            long_name = None
+
+
+def group_samples(files: Iterable[tuple[str, bytes]]) -> Iterator[dict]:
+    """Consecutive files sharing a key (the name up to the first dot of its last part) as one sample,
+    keyed by lower-case extension, as WebDataset groups them; names without a dot are skipped."""
+    sample: dict | None = None
+    for name, data in files:
+        directory, _, base = name.rpartition("/")
+        stem, dot, ext = base.partition(".")
+        if not dot:
+            continue
+        key = f"{directory}/{stem}" if directory else stem
+        if sample is None or sample["__key__"] != key:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key}
+        ext = ext.lower()
+        if ext in sample:
+            raise ValueError(f"sample {key} holds {ext} twice")
+        sample[ext] = data
+    if sample is not None:
+        yield sample
 
 
 def read_dataset(uri: str) -> dict:

@@ -4,14 +4,18 @@
 ``create_transform``: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bicubic) -> horizontal flip ->
 RandAugment ``rand-m9-mstd0.5-inc1`` -> ImageNet normalisation -> RandomErasing (p 0.25, pixel mode).
 ``light`` keeps the crop and flip but drops RandAugment and erasing, and lets libjpeg decode at a
-reduced scale (DCT scaling) when the image is much larger than the crop: much cheaper per image.
+reduced scale (DCT scaling) when the image is much larger than the crop: much cheaper per image. It
+draws torchvision's RandomResizedCrop parameters from its own ``random.Random(seed)``, crops and
+resizes in one PIL call, where torchvision would draw from torch's global RNG
+(which then has to be saved, seeded and restored around every sample) and copy the image twice.
 ``none`` is a deterministic resize to S x S (bilinear), used for validation and tests; masks get
 the same geometry with nearest-neighbour sampling so pixels stay aligned with the image.
 
-``light`` and ``none`` keep pixels as uint8 until the batch reaches the consuming process, where
-``finish`` converts and normalises it in one pass: a float batch costs 4x the bytes to hand from a
-DataLoader worker to the trainer, and that copy into fresh shared memory cost more CPU than the
-decode itself. ``paper`` must normalise per image (RandomErasing draws its noise in normalised space)
+``light`` and ``none`` keep pixels as uint8, in the decoder's (B, S, S, 3) layout, until the batch
+reaches the consuming process, where ``finish`` transposes, converts and normalises it (on the
+training device when given one): a float batch costs 4x the bytes to hand from a DataLoader worker
+to the trainer (and over PCIe), and that copy into fresh shared memory cost more CPU than the decode
+itself; transposing in the worker would be one more full copy of the batch. ``paper`` must normalise per image (RandomErasing draws its noise in normalised space)
 and ships float batches.
 
 Pillow >= 12 refuses ``posterize(img, 0)``, which timm's PosterizeIncreasing produces at the top
@@ -23,21 +27,22 @@ Public API::
 
     IMAGENET_MEAN, IMAGENET_STD
     decode_rgb(data, draft_size=None) -> PIL.Image (RGB; alpha composited on the ImageNet mean grey)
-    ImageTransform(kind, size): t(image) -> per-image item;  t.collate(items) -> batch (in the worker);
-                                t.finish(batch) -> (B, 3, S, S) float32 normalised (in the consumer)
+    ImageTransform(kind, size): t(image, seed=None) -> per-image item (the same seed, the same item);  t.collate(items) -> batch (in the worker);
+                                t.finish(batch, device=None) -> (B, 3, S, S) float32 normalised (in the consumer)
     resize_mask(mask, size) -> (S, S) uint8 array (nearest)
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
+import random
 from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,36 +95,78 @@ def _paper_transform(size: int):
     return transform
 
 
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed the RNGs timm's augmentations draw from (Python's, NumPy's global - RandAugment picks its
+    ops with it - and torch's) for one sample, without disturbing the caller's streams."""
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.random.default_generator.manual_seed(seed)  # torch.manual_seed also queues CUDA seeding: ms per call
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+def resized_crop_box(width: int, height: int, rng: random.Random, scale=(0.08, 1.0),
+                     ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params`` drawn from ``rng``: (left, top, right, bottom)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    w, h = width, height  # the fallback: a centre crop at the nearest allowed aspect ratio
+    if width / height < ratio[0]:
+        h = int(round(w / ratio[0]))
+    elif width / height > ratio[1]:
+        w = int(round(h * ratio[1]))
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
 class ImageTransform:
     def __init__(self, kind: Augment, size: int):
         if kind not in ("paper", "light", "none"):
             raise ValueError(f"augment must be paper, light or none, got {kind!r}")
         self.kind, self.size = kind, size
-        if kind == "paper":
-            self.pipeline = _paper_transform(size)
-        elif kind == "light":
-            self.pipeline = T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=InterpolationMode.BILINEAR),
-                                    T.RandomHorizontalFlip()])
-        else:
-            self.pipeline = lambda image: image.resize((size, size), Image.BILINEAR)
+        self.pipeline = _paper_transform(size) if kind == "paper" else None
 
-    @property
-    def random(self) -> bool:
-        return self.kind != "none"
-
-    def __call__(self, image: Image.Image):
-        out = self.pipeline(image)
-        return out if self.kind == "paper" else np.asarray(out, dtype=np.uint8)
+    def __call__(self, image: Image.Image, seed: int | None = None):
+        size = (self.size, self.size)
+        if self.kind == "paper":
+            with _seeded(seed) if seed is not None else contextlib.nullcontext():
+                return self.pipeline(image)
+        if self.kind == "none":
+            return np.asarray(image.resize(size, Image.BILINEAR))
+        rng = random.Random(seed)
+        crop = image.resize(size, Image.BILINEAR, box=resized_crop_box(*image.size, rng))
+        return np.asarray(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop)
 
     def collate(self, items: list) -> torch.Tensor:
         if self.kind == "paper":
             return torch.stack(items)
-        return torch.from_numpy(np.ascontiguousarray(np.stack(items).transpose(0, 3, 1, 2)))
+        return torch.from_numpy(np.stack(items))
 
-    def finish(self, batch: torch.Tensor) -> torch.Tensor:
+    def finish(self, batch: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        if device is not None:
+            batch = batch.to(device, non_blocking=True)
         if batch.dtype != torch.uint8:
             return batch
-        return (batch * _INV_STD_255).sub_(_SHIFT)  # uint8 -> float32 and scale in one pass
+        b, h, w, c = batch.shape
+        out = torch.empty((b, c, h, w), dtype=torch.float32, device=batch.device)
+        scale, shift = _INV_STD_255.to(out.device), _SHIFT.to(out.device)
+        # image by image, so the three passes (transpose + convert, scale, shift) stay in cache
+        for image, pixels in zip(out.split(1), batch.split(1)) if out.device.type == "cpu" else [(out, batch)]:
+            image.copy_(pixels.permute(0, 3, 1, 2)).mul_(scale).sub_(shift)
+        return out
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
