@@ -109,6 +109,19 @@ def test_seg_masks_equal_predict_probs_argmax():
     assert len({tuple(np.unique(e)) for e in expected}) > 1 or len(np.unique(expected)) > 1  # not a constant map
 
 
+def test_an_image_gets_the_same_mask_alone_and_in_a_batch():
+    # convolution kernels are picked by memory layout: the model input must not depend on batching
+    pixels = [np.array(Image.open(io.BytesIO(sample(i).image)).convert("RGB")) for i in range(3)]
+    alone, batched = to_input(pixels[1])[None], to_input(np.stack(pixels))[1:2]
+    assert alone.is_contiguous() and batched.is_contiguous() and alone.stride() == batched.stride()
+    model = tiny_model()
+    samples = [sample(i) for i in range(3)]
+    one_by_one = run_all(labeller(model, restrict_to_tags=False, batch_size=1), samples)
+    together = run_all(labeller(model, restrict_to_tags=False, batch_size=3), samples)
+    for a, b in zip(one_by_one, together):
+        np.testing.assert_array_equal(a.masks["seg"], b.masks["seg"])
+
+
 def test_tag_restriction_only_allows_background_and_tags():
     model = tiny_model()
     samples = [sample(i) for i in range(6)]

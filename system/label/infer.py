@@ -96,9 +96,12 @@ def to_input(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
 
     The labeller ships uint8 to the device and normalises there: a quarter of the transfer, and on a
     GPU host the CPU work per image drops to the JPEG decode. (The authors normalise in float64 and
-    then cast; float32 arithmetic differs from that by at most one unit in the last place.)
+    then cast; float32 arithmetic differs from that by at most one unit in the last place.) The result
+    is contiguous: convolution kernels are picked by memory layout, and a channels-last view (what the
+    transpose alone gives, with a batch stride that depends on how the batch was stacked) rounds
+    differently, so the same image would get a different mask alone than in a batch.
     """
-    x = torch.as_tensor(pixels).movedim(-1, -3).to(torch.float32)
+    x = torch.as_tensor(pixels).movedim(-1, -3).to(torch.float32, memory_format=torch.contiguous_format)
     mean = torch.tensor(_MEAN_255, device=x.device).view(3, 1, 1)
     std = torch.tensor(_STD_255, device=x.device).view(3, 1, 1)
     return (x - mean) / std
