@@ -15,8 +15,8 @@ the same geometry with nearest-neighbour sampling so pixels stay aligned with th
 reaches the consuming process, where ``finish`` transposes, converts and normalises it (on the
 training device when given one): a float batch costs 4x the bytes to hand from a DataLoader worker
 to the trainer (and over PCIe), and that copy into fresh shared memory cost more CPU than the decode
-itself; transposing in the worker would be one more full copy of the batch. ``paper`` must normalise per image (RandomErasing draws its noise in normalised space)
-and ships float batches.
+itself; transposing in the worker would be one more full copy of the batch. ``paper`` must
+normalise per image (RandomErasing draws its noise in normalised space) and ships float batches.
 
 Pillow >= 12 refuses ``posterize(img, 0)``, which timm's PosterizeIncreasing produces at the top
 of its magnitude range (magnitude 9 + noise reaches 10 -> 0 bits): without a fix one image in a few
@@ -27,7 +27,8 @@ Public API::
 
     IMAGENET_MEAN, IMAGENET_STD
     decode_rgb(data, draft_size=None) -> PIL.Image (RGB; alpha composited on the ImageNet mean grey)
-    ImageTransform(kind, size): t(image, seed=None) -> per-image item (the same seed, the same item);  t.collate(items) -> batch (in the worker);
+    ImageTransform(kind, size): t(image, seed=None) -> per-image item (the same seed, the same item);
+                                t.collate(items) -> batch (in the worker);
                                 t.finish(batch, device=None) -> (B, 3, S, S) float32 normalised (in the consumer)
     resize_mask(mask, size) -> (S, S) uint8 array (nearest)
 """
