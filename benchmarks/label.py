@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from torch.utils import flop_counter
 
+from benchmarks.model import synchronize
 from benchmarks.naive import NaiveClusterCAM, naive_predict_probs
 from system import hardware
 from system.cam import INFER_SCALES, predict_probs
@@ -105,11 +106,11 @@ def model_only(model, batch_size: int, precision: str, repeats: int = 5) -> floa
     x = torch.randn(batch_size, 3, H, W, device=device)
     with torch.no_grad(), hardware.autocast(precision, device):
         predict_probs(model, x, INFER_SCALES)
-        torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(repeats):
             predict_probs(model, x, INFER_SCALES).argmax(1)
-        torch.cuda.synchronize(device)
+        synchronize(device)
     return batch_size * repeats / (time.perf_counter() - start)
 
 
