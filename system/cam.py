@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from system.model.network import ClusterCAM
+from system.model.network import CAM_LAYERS, CAM_P2P_REFINE, ClusterCAM
 
 TRAIN_CAM_SCALES = (1.0, 0.75, 1.25)
 INFER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
@@ -26,8 +26,8 @@ def multi_scale_cam(
     model: ClusterCAM,
     x: torch.Tensor,
     scales: Sequence[float] = TRAIN_CAM_SCALES,
-    n_layers: int = 3,
-    p2p_refine: bool = True,
+    n_layers: int = CAM_LAYERS,
+    p2p_refine: bool = CAM_P2P_REFINE,
 ) -> torch.Tensor:
     """Training-time CAMs (B,K,H,W) in [0,1): max over flips, sum over scales, min-max per map.
 

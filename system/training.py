@@ -15,7 +15,7 @@ from typing import Callable, Literal, NamedTuple
 import torch
 import torch.distributed as dist
 
-from system.cam import multi_scale_cam
+from system.cam import CAM_LAYERS, CAM_P2P_REFINE, multi_scale_cam
 from system.config import option
 from system.data.stream import StreamConfig
 from system.losses import SEG_LOSS_WEIGHT, SegLossTerms, multilabel_loss, seg_loss_terms, upsample_segs
@@ -34,9 +34,9 @@ class ScheduleConfig:
     grad_accum: int = option(1, "micro-batches per optimizer step on each worker")
     cam_scales: tuple[float, ...] = option((1.0, 0.75, 1.25), "scales of the training-time multi-scale CAM")
     cam_train_mode: bool = option(True, "make training CAMs with drop path active, as the authors do (spec e.9)")
-    cam_layers: int = option(3, "last blocks whose class-to-patch attention gates the CAM (spec a.7 n_layers)")
+    cam_layers: int = option(CAM_LAYERS, "last blocks whose class-to-patch attention gates the CAM (spec a.7 n_layers)")
     cam_p2p_refine: bool = option(
-        True, "spread CAMs along every block's patch-to-patch attention (spec a.7); off for a model trained "
+        CAM_P2P_REFINE, "spread CAMs along every block's patch-to-patch attention (spec a.7); off for a model trained "
         "from scratch, whose diffuse attention smears the CAM over the whole image"
     )
     bg_threshold: float = option(0.4, "background threshold of the pseudo labels (VOC 0.40, COCO 0.43)")

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from system import hardware
-from system.cam import multi_scale_cam, predict_probs
+from system.cam import CAM_LAYERS, CAM_P2P_REFINE, multi_scale_cam, predict_probs
 from system.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_rgb
 from system.label.config import LabelConfig
 from system.label.inputs import Sample
@@ -160,8 +160,8 @@ class Labeller:
         self.device = next(model.parameters()).device
         self.dtype = resolve_precision(cfg.precision, self.device)
         trained = getattr(model, "cam_settings", {})
-        self.cam_layers = cfg.cam_layers if cfg.cam_layers is not None else trained.get("layers", 3)
-        self.cam_p2p_refine = cfg.cam_p2p_refine if cfg.cam_p2p_refine is not None else trained.get("p2p_refine", True)
+        self.cam_layers = cfg.cam_layers if cfg.cam_layers is not None else trained.get("layers", CAM_LAYERS)
+        self.cam_p2p_refine = cfg.cam_p2p_refine if cfg.cam_p2p_refine is not None else trained.get("p2p_refine", CAM_P2P_REFINE)
         scales = [*(cfg.scales if "seg" in cfg.modes else []), *(cfg.cam_scales if "cam" in cfg.modes else [])]
         # every scaled copy must hold at least one patch (int() truncates, hence the ceil)
         self.min_side = math.ceil(model.cfg.patch_size / min(min(scales), 1.0))

@@ -20,6 +20,10 @@ from torch import nn
 from system.model.config import ClusterCAMConfig
 
 ST_LN_EPS = 1e-5  # the clustering LayerNorms keep PyTorch's default eps (spec e.3)
+# the paper's CAM (spec a.7): gated by the last 3 blocks' class-to-patch attention, refined along
+# every block's patch-to-patch attention
+CAM_LAYERS = 3
+CAM_P2P_REFINE = True
 
 
 class P2PRecord(enum.Enum):
@@ -293,8 +297,8 @@ class ClusterCAM(nn.Module):
         x: torch.Tensor,
         with_seg: bool = True,
         task: Literal["logits", "cam", "segment"] = "logits",
-        n_layers: int = 3,
-        p2p_refine: bool = True,
+        n_layers: int = CAM_LAYERS,
+        p2p_refine: bool = CAM_P2P_REFINE,
     ):
         """Every use goes through ``forward`` so that hooks on the root module (ZeRO-3's parameter
         gathering, DDP, profilers) see it; ``cam`` and ``segment`` are shorthands."""
@@ -313,7 +317,7 @@ class ClusterCAM(nn.Module):
         """Only the decoder logits (B,K+1,r,c): what test-time inference needs."""
         return self(x, task="segment")
 
-    def cam(self, x: torch.Tensor, n_layers: int = 3, p2p_refine: bool = True) -> torch.Tensor:
+    def cam(self, x: torch.Tensor, n_layers: int = CAM_LAYERS, p2p_refine: bool = CAM_P2P_REFINE) -> torch.Tensor:
         """The ClusterCAM of spec a.7, (B,K,r,c), unnormalised and detached from the head."""
         return self(x, task="cam", n_layers=n_layers, p2p_refine=p2p_refine)
 
