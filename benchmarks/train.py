@@ -91,10 +91,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--zero-stages", default="0", help="comma-separated ZeRO stages for the 1-worker runs")
+    parser.add_argument("--zero-stages", default=[0], type=lambda text: [int(x) for x in text.split(",")],
+                        help="comma-separated ZeRO stages for the 1-worker runs")
     parser.add_argument("--seg", action="store_true", help="measure segmentation-phase steps (CAM + PAR + seg loss)")
     args = parser.parse_args()
-    stages = [int(x) for x in args.zero_stages.split(",")]
+    stages = args.zero_stages
     cpus = os.cpu_count() or 1
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:

@@ -66,8 +66,8 @@ class DeepSpeedConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", "auto = bf16 on GPUs and bf16-native CPUs, fp32 elsewhere; fp16 (GPU) uses loss scaling"
     )
-    offload_optimizer: bool = option(False, "ZeRO-Offload: optimizer states and step on the CPU")
-    offload_params: bool = option(False, "ZeRO-3 parameter offload to the CPU")
+    offload_optimizer: bool = option(False, "ZeRO-Offload: optimizer states and step on the CPU (zero_stage 1-3)")
+    offload_params: bool = option(False, "ZeRO-3 parameter offload to the CPU (zero_stage 3)")
     extra: dict = option(factory=dict, doc="raw DeepSpeed config keys merged last (expert use)")
 
 
@@ -119,6 +119,11 @@ class TrainConfig:
             raise ValueError("output (the storage root URI) is required")
         if not 0 <= self.zero_stage <= 3:
             raise ValueError(f"zero_stage must be 0..3, got {self.zero_stage}")
+        # DeepSpeed would only refuse these inside the workers, after the cluster has started them
+        if self.deepspeed.offload_optimizer and self.zero_stage < 1:
+            raise ValueError("deepspeed.offload_optimizer needs zero_stage 1, 2 or 3 (the default is 0)")
+        if self.deepspeed.offload_params and self.zero_stage != 3:
+            raise ValueError(f"deepspeed.offload_params needs zero_stage 3, got {self.zero_stage}")
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.schedule.seg_start_epoch < 0 or self.schedule.epochs < 1:

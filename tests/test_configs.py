@@ -31,6 +31,17 @@ def test_paper_recipes():
     assert coco.schedule.bg_threshold == 0.43
 
 
+def test_offload_needs_a_zero_stage_that_partitions():
+    base = ["data=d", "output=o"]
+    with pytest.raises(ValueError, match="deepspeed.offload_optimizer needs zero_stage 1, 2 or 3"):
+        load_config(TrainConfig, "configs/tiny.yaml", base + ["deepspeed.offload_optimizer=true"])
+    with pytest.raises(ValueError, match="deepspeed.offload_params needs zero_stage 3, got 2"):
+        load_config(TrainConfig, "configs/tiny.yaml", base + ["deepspeed.offload_params=true", "zero_stage=2"])
+    cfg = load_config(TrainConfig, "configs/voc.yaml", base + ["model.embed_dim=1024", "model.depth=24", "model.num_heads=16",
+                                                              "zero_stage=3", "deepspeed.offload_optimizer=true"])
+    assert (cfg.zero_stage, cfg.model.embed_dim, cfg.deepspeed.offload_optimizer) == (3, 1024, True)
+
+
 def test_cam_layers_must_fit_the_model():
     with pytest.raises(ValueError, match=r"schedule.cam_layers must be 1..model.depth \(12\), got 13"):
         load_config(TrainConfig, "configs/tiny.yaml", ["data=d", "output=o", "schedule.cam_layers=13"])
