@@ -38,7 +38,7 @@ class IngestConfig:
     shard_size: int = option(1000, doc="inputs per shard (a shard holds fewer when some are rejected)")
     num_workers: int = option(2, doc="shards written in parallel (Ray tasks in flight)")
     max_pixels: int = option(50_000_000, doc="images with more pixels are rejected")
-    verify: Verify = option("decode", doc="decode: decode every image (JPEG at 1/8 scale); header: header + end marker only, near copy speed")
+    verify: Verify = option("structure", doc="structure: header + file structure (JPEG markers and tables, PNG CRCs), no pixel decode; decode: decode every image (JPEG at 1/8 scale)")
     progress_every_s: float = option(10.0, doc="seconds between progress lines")
     metrics_port: int = option(0, doc="Prometheus port of the driver (clustercam_ingest_*); 0: off")
     metrics_addr: str = option("127.0.0.1", doc="address the metrics endpoint binds to (0.0.0.0 for a Prometheus on another host)")

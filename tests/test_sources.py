@@ -215,15 +215,15 @@ def test_tar_bytes_depend_only_on_content():
     assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in members} == {(0, 0, 0, "", 0o444)}
 
 
-def test_header_verification_still_catches_truncation():
+def test_structure_verification_catches_truncation():
     good = _jpeg(RGB)
     png = _jpeg(RGB, None, "PNG")
-    assert inspect_image(good, 10**6, "header")[0] == "jpg"
-    assert inspect_image(png, 10**6, "header")[0] == "png"
-    assert inspect_image(_jpeg(RGB, None, "BMP"), 10**6, "header")[0] == "png"
+    assert inspect_image(good, 10**6, "structure")[0] == "jpg"
+    assert inspect_image(png, 10**6, "structure")[0] == "png"
+    assert inspect_image(_jpeg(RGB, None, "BMP"), 10**6, "structure")[0] == "png"
     for broken in (good[: len(good) - 40], png[: len(png) // 2]):
         with pytest.raises(BadEntry) as info:
-            inspect_image(broken, 10**6, "header")
+            inspect_image(broken, 10**6, "structure")
         assert info.value.code == "corrupt"
 
 

@@ -65,12 +65,12 @@ def check_id(sample_id: str) -> None:
         raise UnsafeId(f"id too long ({len(sample_id)} characters)")
 
 
+_ESCAPES = {byte: chr(byte) if _SAFE.fullmatch(bytes([byte])) else f"-{byte:02x}" for byte in range(256)}
+
+
 def escape_id(sample_id: str) -> str:
-    out = []
-    for byte in sample_id.encode("utf-8"):
-        char = bytes([byte])
-        out.append(char.decode() if _SAFE.fullmatch(char) else f"-{byte:02x}")
-    return "".join(out)
+    # latin-1 maps each UTF-8 byte to the code point of the same value, which translate() escapes
+    return sample_id.encode("utf-8").decode("latin-1").translate(_ESCAPES)
 
 
 def unescape_key(key: str) -> str:
