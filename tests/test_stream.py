@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import threading
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from system import storage
 from system.data import ingest
 from system.data.shards import read_dataset, shard_uris
 from system.data.sources import SourceConfig, build_source
-from system.data.stream import StreamConfig, eval_loader, shard_samples, train_loader
+from system.data.stream import StreamConfig, _BatchSlots, eval_loader, shard_samples, train_loader
 from system.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tests.datasets import build_synthetic
 
@@ -77,6 +78,38 @@ def test_paper_augmentation_is_deterministic_and_epoch_dependent(dataset):
     images, labels = first[0]
     assert images.dtype == torch.float32 and labels.dtype == torch.float32
     assert set(labels.unique().tolist()) <= {0.0, 1.0} and (labels.sum(1) >= 1).all()
+
+
+def test_batches_held_by_the_consumer_survive_slot_reuse(dataset):
+    """Workers write batches into reused shared slots: a batch the trainer keeps must not change when
+    its slot is written again (16 batches over 2 workers x 5 slots)."""
+    for augment in ("paper", "light"):
+        loader = train_loader(dataset, 0, 1, _cfg(augment=augment, batch_size=2, epoch_batches=16))
+        held, digests = [], []
+        for images, _ in loader:
+            held.append(images)
+            digests.append(_digest(images))
+        assert len(held) == 16 and [_digest(images) for images in held] == digests
+        assert len(set(digests)) == 16
+
+
+def test_a_worker_waits_for_a_free_slot_and_an_early_stop_releases_it():
+    slots = _BatchSlots(workers=1, slots=2, batch_size=2, layout=((2,), torch.uint8))
+    item = lambda value: torch.full((2,), value, dtype=torch.uint8)  # noqa: E731
+    first = slots.write(0, 0, [item(1), item(1)], torch.stack)
+    slots.write(0, 1, [item(2)], torch.stack)
+    third = threading.Thread(target=slots.write, args=(0, 2, [item(3), item(3)], torch.stack))
+    third.start()
+    third.join(0.3)
+    assert third.is_alive() and slots.read(first).tolist() == [[1, 1], [1, 1]]  # both slots taken: it waits
+    slots.release(first)
+    third.join(5)
+    assert not third.is_alive() and slots.read(first).tolist() == [[3, 3], [3, 3]]  # batch 2 -> slot 0
+    fourth = threading.Thread(target=slots.write, args=(0, 3, [item(4)], torch.stack))
+    fourth.start()
+    slots.unblock()  # the consumer stopped: nobody will release slot 1
+    fourth.join(5)
+    assert not fourth.is_alive()
 
 
 def test_state_of_callers_rng_is_untouched(dataset):

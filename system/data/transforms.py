@@ -5,13 +5,14 @@
 RandAugment ``rand-m9-mstd0.5-inc1`` -> ImageNet normalisation -> RandomErasing (p 0.25, pixel mode).
 ``light`` keeps the crop and flip but drops RandAugment and erasing, and lets libjpeg decode at a
 reduced scale (DCT scaling) when the image is much larger than the crop: much cheaper per image. It
-draws torchvision's RandomResizedCrop parameters from its own ``random.Random(seed)``, crops and
-resizes in one PIL call, where torchvision would draw from torch's global RNG
-(which then has to be saved, seeded and restored around every sample) and copy the image twice.
-``none`` is a deterministic resize to S x S (bilinear), used for validation and tests; masks get
-the same geometry with nearest-neighbour sampling so pixels stay aligned with the image.
+draws torchvision's RandomResizedCrop parameters from its own ``random.Random(seed)``, where
+torchvision would draw from torch's global RNG (which then has to be saved, seeded and restored
+around every sample). ``none`` is a deterministic resize to S x S (bilinear), used for validation
+and tests; masks get the same geometry with nearest-neighbour sampling so pixels stay aligned with
+the image. Both resize with torch's vectorised uint8 kernel (antialiased bilinear, within one grey
+level of PIL's): PIL's resize cost more than the JPEG decode, torch's costs a third of PIL's.
 
-``light`` and ``none`` keep pixels as uint8, in the decoder's (B, S, S, 3) layout, until the batch
+``light`` and ``none`` keep pixels as uint8, in Pillow's (B, S, S, 4) RGBX layout, until the batch
 reaches the consuming process, where ``finish`` transposes, converts and normalises it (on the
 training device when given one): a float batch costs 4x the bytes to hand from a DataLoader worker
 to the trainer (and over PCIe), and that copy into fresh shared memory cost more CPU than the decode
@@ -27,8 +28,9 @@ Public API::
 
     IMAGENET_MEAN, IMAGENET_STD
     decode_rgb(data, draft_size=None) -> PIL.Image (RGB; alpha composited on the ImageNet mean grey)
+    pixels(image) -> (H, W, 4) uint8 tensor (RGB + padding);  resize_pixels(hwc, size) -> (size, size, C)
     ImageTransform(kind, size): t(image, seed=None) -> per-image item (the same seed, the same item);
-                                t.collate(items) -> batch (in the worker);
+                                t.collate(items, out=None) -> batch (in the worker); t.item_layout() -> (shape, dtype);
                                 t.finish(batch, device=None) -> (B, 3, S, S) float32 normalised (in the consumer)
     resize_mask(mask, size) -> (S, S) uint8 array (nearest)
 """
@@ -64,6 +66,26 @@ def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
         background = Image.new("RGBA", rgba.size, _MEAN_GREY + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def pixels(image: Image.Image) -> torch.Tensor:
+    """An RGB image as an (H, W, 4) uint8 tensor, the fourth byte padding: Pillow stores RGB pixels in
+    4 bytes, so RGBX comes out with a plain copy where packed RGB costs a per-pixel repack (2x)."""
+    data = bytearray(image.tobytes("raw", "RGBX"))
+    return torch.frombuffer(data, dtype=torch.uint8).view(image.height, image.width, 4)
+
+
+def resize_pixels(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(H, W, C) uint8 -> (size, size, C) uint8, antialiased bilinear like PIL's BILINEAR resize (within
+    1 level), with torch's vectorised uint8 kernel: 2-3x faster than PIL on these CPUs."""
+    image = image.contiguous()
+    height, width, channels = image.shape
+    # a (1, C, H, W) view of the HWC memory whose batch stride says "channels last" unambiguously, so
+    # torch picks its vectorised kernel and returns channels-last memory (torchvision's resize does
+    # the same, at 3x the Python overhead)
+    planar = image.as_strided((1, channels, height, width), (height * width * channels, 1, width * channels, channels))
+    out = torch.nn.functional.interpolate(planar, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].permute(1, 2, 0)
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
@@ -141,26 +163,31 @@ class ImageTransform:
         self.pipeline = _paper_transform(size) if kind == "paper" else None
 
     def __call__(self, image: Image.Image, seed: int | None = None):
-        size = (self.size, self.size)
         if self.kind == "paper":
             with _seeded(seed) if seed is not None else contextlib.nullcontext():
                 return self.pipeline(image)
         if self.kind == "none":
-            return np.asarray(image.resize(size, Image.BILINEAR))
+            return resize_pixels(pixels(image), self.size)
         rng = random.Random(seed)
-        crop = image.resize(size, Image.BILINEAR, box=resized_crop_box(*image.size, rng))
-        return np.asarray(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop)
+        crop = resize_pixels(pixels(image.crop(resized_crop_box(*image.size, rng))), self.size)
+        return crop.flip(1) if rng.random() < 0.5 else crop
 
-    def collate(self, items: list) -> torch.Tensor:
+    def item_layout(self) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of one item: what a batch buffer must hold."""
         if self.kind == "paper":
-            return torch.stack(items)
-        return torch.from_numpy(np.stack(items))
+            return (3, self.size, self.size), torch.float32
+        return (self.size, self.size, 4), torch.uint8
+
+    def collate(self, items: list, out: torch.Tensor | None = None) -> torch.Tensor:
+        # RGBX items stay RGBX: dropping the padding byte in this copy would make it 10x slower
+        return torch.stack(items, out=out)
 
     def finish(self, batch: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
         if device is not None:
             batch = batch.to(device, non_blocking=True)
         if batch.dtype != torch.uint8:
             return batch
+        batch = batch[..., :3]
         b, h, w, c = batch.shape
         out = torch.empty((b, c, h, w), dtype=torch.float32, device=batch.device)
         scale, shift = _INV_STD_255.to(out.device), _SHIFT.to(out.device)
