@@ -40,7 +40,7 @@ from system.data import ingest
 from system.data.shards import read_dataset, shard_uris
 from system.data.sources import SourceConfig, build_source
 from system.data.stream import StreamConfig, train_loader
-from system.data.transforms import pixels, resize_pixels
+from system.data.transforms import resize_pixels, rgbx_pixels
 
 
 def build(uri: str, images: int, size: int) -> None:
@@ -90,7 +90,7 @@ def main() -> None:
                 return image.resize((args.crop, args.crop), Image.BILINEAR)
 
             def torch_resize(image: Image.Image):
-                return resize_pixels(pixels(image), args.crop)
+                return resize_pixels(rgbx_pixels(image), args.crop)
 
             def stream(augment: str) -> tuple[float, float, float, float]:
                 cfg = StreamConfig(batch_size=args.batch, image_size=args.crop, augment=augment,

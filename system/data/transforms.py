@@ -15,7 +15,7 @@ level of PIL's): PIL's resize cost more than the JPEG decode, torch's costs a th
 ``light`` and ``none`` keep pixels as uint8, in Pillow's (B, S, S, 4) RGBX layout, until the batch
 reaches the consuming process, where ``finish`` transposes, converts and normalises it (on the
 training device when given one): a float batch costs 4x the bytes to hand from a DataLoader worker
-to the trainer (and over PCIe), and that copy into fresh shared memory cost more CPU than the decode
+to the trainer (and over PCIe), and that copy into shared memory cost more CPU than the decode
 itself; transposing in the worker would be one more full copy of the batch. ``paper`` must
 normalise per image (RandomErasing draws its noise in normalised space) and ships float batches.
 
@@ -28,7 +28,7 @@ Public API::
 
     IMAGENET_MEAN, IMAGENET_STD
     decode_rgb(data, draft_size=None) -> PIL.Image (RGB; alpha composited on the ImageNet mean grey)
-    pixels(image) -> (H, W, 4) uint8 tensor (RGB + padding);  resize_pixels(hwc, size) -> (size, size, C)
+    rgbx_pixels(image) -> (H, W, 4) uint8 tensor (RGB + padding);  resize_pixels(hwc, size) -> (size, size, C)
     ImageTransform(kind, size): t(image, seed=None) -> per-image item (the same seed, the same item);
                                 t.collate(items, out=None) -> batch (in the worker); t.item_layout() -> (shape, dtype);
                                 t.finish(batch, device=None) -> (B, 3, S, S) float32 normalised (in the consumer)
@@ -68,7 +68,7 @@ def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
     return image.convert("RGB")
 
 
-def pixels(image: Image.Image) -> torch.Tensor:
+def rgbx_pixels(image: Image.Image) -> torch.Tensor:
     """An RGB image as an (H, W, 4) uint8 tensor, the fourth byte padding: Pillow stores RGB pixels in
     4 bytes, so RGBX comes out with a plain copy where packed RGB costs a per-pixel repack (2x)."""
     data = bytearray(image.tobytes("raw", "RGBX"))
@@ -167,9 +167,9 @@ class ImageTransform:
             with _seeded(seed) if seed is not None else contextlib.nullcontext():
                 return self.pipeline(image)
         if self.kind == "none":
-            return resize_pixels(pixels(image), self.size)
+            return resize_pixels(rgbx_pixels(image), self.size)
         rng = random.Random(seed)
-        crop = resize_pixels(pixels(image.crop(resized_crop_box(*image.size, rng))), self.size)
+        crop = resize_pixels(rgbx_pixels(image.crop(resized_crop_box(*image.size, rng))), self.size)
         return crop.flip(1) if rng.random() < 0.5 else crop
 
     def item_layout(self) -> tuple[tuple[int, ...], torch.dtype]:
