@@ -110,6 +110,15 @@ def test_a_worker_waits_for_a_free_slot_and_an_early_stop_releases_it():
     slots.unblock()  # the consumer stopped: nobody will release slot 1
     fourth.join(5)
     assert not fourth.is_alive()
+    slots.reset()  # a new pass: the permits unblock() handed out are gone
+    slots.write(0, 0, [item(5)], torch.stack)
+    slots.write(0, 1, [item(6)], torch.stack)
+    fifth = threading.Thread(target=slots.write, args=(0, 2, [item(7)], torch.stack))
+    fifth.start()
+    fifth.join(0.3)
+    assert fifth.is_alive()
+    slots.unblock()
+    fifth.join(5)
 
 
 def test_state_of_callers_rng_is_untouched(dataset):

@@ -162,7 +162,11 @@ class _BatchSlots:
         shape, dtype = layout
         self.slots = slots
         self.buffers = torch.empty((workers, slots, batch_size, *shape), dtype=dtype).share_memory_()
-        self.free = [torch.multiprocessing.Semaphore(slots) for _ in range(workers)]
+        self.reset()
+
+    def reset(self) -> None:
+        """Every slot free, for a new pass of the DataLoader (its workers start after this)."""
+        self.free = [torch.multiprocessing.Semaphore(self.slots) for _ in range(self.buffers.shape[0])]
 
     def write(self, worker: int, number: int, items: list, collate) -> tuple[int, int, int]:
         self.free[worker].acquire()
@@ -270,6 +274,8 @@ class Loader:
         return images
 
     def __iter__(self):
+        if self.slots:
+            self.slots.reset()  # a previous pass may have ended early and unblocked its workers
         try:
             for batch in self.dataloader:
                 if isinstance(batch, dict):
