@@ -7,10 +7,10 @@ marker layout - truncation, an unknown marker (inside the entropy data too, wher
 puts most of them), a segment that overruns the file, an impossible Huffman or quantisation table,
 a frame or scan header that contradicts itself, a scan that names an undefined component or
 table. This walks that layout with libjpeg(-turbo)'s own rules: every marker through EOI, the
-entropy-coded data searched for the first byte pair that is not stuffing, restart or
-fill. Where libjpeg only warns, so does nothing here: stray bytes between segments are skipped,
-bytes after EOI are allowed (cameras append data there), and a sequential file may omit Huffman
-tables 0 and 1 (libjpeg-turbo then uses the standard ones, as Motion-JPEG frames expect).
+entropy-coded data searched for the first byte pair that is not stuffing, restart or fill. Where
+libjpeg only warns, so does nothing here: stray bytes between segments are skipped, bytes after EOI
+are allowed (cameras append data there), and a sequential file may omit Huffman tables 0 and 1
+(libjpeg-turbo then uses the standard ones, as Motion-JPEG frames expect).
 
 The frame header it reads anyway gives the size and colour layout, so ingest needs no other
 parser for a JPEG; Huffman tables are checked once per distinct table (most encoders write the same
