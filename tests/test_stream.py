@@ -287,3 +287,25 @@ def test_light_crops_follow_random_resized_crop(size):
         assert set(boxes) == {(466, 0, 533, 50)}
     else:
         assert len(set(boxes)) > 50  # random, not one box
+
+
+def test_stream_resize_matches_pil_bilinear():
+    """The stream resizes with torch's uint8 kernel: within one grey level of PIL's BILINEAR, down
+    and up, and the padding byte of RGBX never reaches the model."""
+    import numpy as np
+    from PIL import Image
+
+    from system.data.transforms import ImageTransform, resize_pixels, rgbx_pixels
+
+    rgb = (np.random.default_rng(1).random((120, 170, 3)) * 255).astype(np.uint8)
+    image = Image.fromarray(rgb)
+    for size in (64, 301):
+        ours = resize_pixels(rgbx_pixels(image), size)[..., :3].numpy().astype(int)
+        pil = np.asarray(image.resize((size, size), Image.BILINEAR)).astype(int)
+        assert np.abs(ours - pil).max() <= 1
+    transform = ImageTransform("none", 64)
+    finished = transform.finish(transform.collate([transform(image)]))
+    expected = (torch.from_numpy(np.array(image.resize((64, 64), Image.BILINEAR))).permute(2, 0, 1) / 255
+                - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert finished.shape == (1, 3, 64, 64)
+    assert (finished[0] - expected).abs().max() <= 1.01 / (255 * min(IMAGENET_STD))

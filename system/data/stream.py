@@ -193,11 +193,11 @@ class _TrainStream(IterableDataset):
     """One rank's training stream; everything random is keyed by the worker's *role* (see module doc)."""
 
     def __init__(self, urls, num_classes, rank, world_size, cfg: StreamConfig, epoch, skip_batches, batches,
-                 slots: _BatchSlots | None = None):
+                 transform: ImageTransform, slots: _BatchSlots | None = None):
         self.urls, self.num_classes = urls, num_classes
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.epoch, self.skip, self.batches = epoch, skip_batches, batches
-        self.slots = slots
+        self.transform, self.slots = transform, slots  # the consumer's own: workers inherit (or unpickle) it
 
     def _shards(self, role: int, roles: int) -> Iterator[str]:
         if self.cfg.resampled:
@@ -226,7 +226,6 @@ class _TrainStream(IterableDataset):
     def __iter__(self):
         worker, roles = _worker()
         role = (worker + self.skip) % roles
-        self.transform = ImageTransform(self.cfg.augment, self.cfg.image_size)
         skipped_batches = len(range(role, self.skip, roles))
         raw = (s for url in self._shards(role, roles) for s in shard_samples(url, self.cfg.retries))
         bufsize = max(1, self.cfg.shuffle_buffer)
@@ -312,7 +311,8 @@ def train_loader(dataset_uri: str, rank: int, world_size: int, cfg: StreamConfig
     prefetch = 4
     # one slot per batch a worker may have in flight, plus the one being finished
     slots = _BatchSlots(cfg.num_workers, prefetch + 1, cfg.batch_size, transform.item_layout()) if cfg.num_workers else None
-    stream = _TrainStream(urls, len(info["classes"]), rank, world_size, cfg, epoch, skip_batches, batches, slots)
+    stream = _TrainStream(urls, len(info["classes"]), rank, world_size, cfg, epoch, skip_batches, batches, transform,
+                          slots)
     # An own generator: DataLoader otherwise draws its base seed from the caller's global torch RNG.
     generator = torch.Generator().manual_seed(_mix(cfg.seed, epoch, rank, 5))
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, generator=generator, collate_fn=_as_is,
@@ -321,44 +321,44 @@ def train_loader(dataset_uri: str, rank: int, world_size: int, cfg: StreamConfig
 
 
 class _EvalStream(IterableDataset):
-    def __init__(self, urls, num_classes, batch_size, image_size, rank, world_size):
-        self.urls, self.num_classes, self.batch_size, self.image_size = urls, num_classes, batch_size, image_size
+    def __init__(self, urls, num_classes, batch_size, transform: ImageTransform, rank, world_size):
+        self.urls, self.num_classes, self.batch_size, self.transform = urls, num_classes, batch_size, transform
         self.rank, self.world_size = rank, world_size
 
-    def _decode(self, sample: dict, transform: ImageTransform) -> tuple:
+    def _decode(self, sample: dict) -> tuple:
         ext = next(e for e in _IMAGE_EXTS if e in sample)
-        image = transform(decode_rgb(sample[ext]))
+        image = self.transform(decode_rgb(sample[ext]))
         labels = _multi_hot(sample, self.num_classes)
+        size = self.transform.size
         if "mask.png" in sample:
-            mask = torch.from_numpy(resize_mask(decode_mask(sample["mask.png"]), self.image_size).astype(np.int64))
+            mask = torch.from_numpy(resize_mask(decode_mask(sample["mask.png"]), size).astype(np.int64))
         else:
-            mask = torch.full((self.image_size, self.image_size), 255, dtype=torch.int64)
+            mask = torch.full((size, size), 255, dtype=torch.int64)
         return image, labels, mask, sample["__key__"]
 
     def __iter__(self):
         worker, workers = _worker()
-        transform = ImageTransform("none", self.image_size)
         urls = self.urls[self.rank :: self.world_size][worker::workers]
         batch: list = []
         for url in urls:
             for sample in shard_samples(url):
-                batch.append(self._decode(sample, transform))
+                batch.append(self._decode(sample))
                 if len(batch) == self.batch_size:
-                    yield self._collate(batch, transform)
+                    yield self._collate(batch)
                     batch = []
         if batch:
-            yield self._collate(batch, transform)
+            yield self._collate(batch)
 
-    @staticmethod
-    def _collate(batch: list, transform: ImageTransform) -> dict:
+    def _collate(self, batch: list) -> dict:
         images, labels, masks, keys = zip(*batch)
-        return {"images": transform.collate(list(images)), "labels": torch.from_numpy(np.stack(labels)), "masks": torch.stack(masks),
-                "keys": list(keys)}
+        return {"images": self.transform.collate(list(images)), "labels": torch.from_numpy(np.stack(labels)),
+                "masks": torch.stack(masks), "keys": list(keys)}
 
 
 def eval_loader(dataset_uri: str, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
                 num_workers: int = 0) -> Loader:
     info = read_dataset(dataset_uri)
-    stream = _EvalStream(shard_uris(dataset_uri, info), len(info["classes"]), batch_size, image_size, rank, world_size)
+    transform = ImageTransform("none", image_size)
+    stream = _EvalStream(shard_uris(dataset_uri, info), len(info["classes"]), batch_size, transform, rank, world_size)
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(0))
-    return Loader(loader, ImageTransform("none", image_size), None)
+    return Loader(loader, transform, None)
