@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from pipelines.entry import run_main, setup_logging
 from system import storage
 from system.config import option, parse_cli
 from system.label.inputs import ClassMismatch, Unit, plan_inputs, unit_samples
@@ -88,13 +89,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    setup_logging()
     cfg = parse_cli(EvaluateConfig, argv, prog="python -m pipelines.evaluate")
-    try:
-        result = evaluate(cfg)
-    except (storage.StorageError, FileNotFoundError, ClassMismatch, ValueError) as exc:
-        raise SystemExit(f"evaluate failed: {exc}") from None
-    print(json.dumps(result, indent=1))
+    run_main("evaluate", lambda: print(json.dumps(evaluate(cfg), indent=1)), bad_input=(ClassMismatch,))
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@
     python -m pipelines.ingest source.format=voc source.path=/data/VOC2012 source.split=train \\
         output=s3://bucket/datasets/voc-train shard_size=1000 num_workers=8
 
-One Ray task per shard (``workers/ingest.py``), at most ``num_workers`` in flight. Joins the Ray
-cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``) or starts a local one; tasks get the
-driver's AWS settings through ``runtime_env``. Re-running skips complete shards, so a killed ingest
-is resumed by running the same command again. ``python -m pipelines.ingest --help`` lists the keys.
+One Ray task per shard (``workers/ingest.py``), at most ``num_workers`` in flight; a shard whose task
+fails is retried with backoff, and one that still fails leaves the dataset unpublished (no
+``dataset.json``, exit status 3). Joins the Ray cluster named by ``RAY_ADDRESS`` (as under ``ray job
+submit``) or starts a local one. Re-running skips complete shards, so a killed ingest is resumed by
+running the same command again. ``python -m pipelines.ingest --help`` lists the keys.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pipelines.cluster import start_ray
+from pipelines.entry import Incomplete, run_main, setup_logging
+from pipelines.fanout import fan_out
 from system import storage
 from system.config import dump_yaml, option, parse_cli, to_dict
 from system.data import ingest
@@ -37,6 +40,8 @@ class IngestConfig:
     name: str = option("", doc="dataset name (default: the last part of output)")
     shard_size: int = option(1000, doc="inputs per shard (a shard holds fewer when some are rejected)")
     num_workers: int = option(2, doc="shards written in parallel (Ray tasks in flight)")
+    shard_attempts: int = option(4, doc="tries of a shard whose task fails (storage outage, lost worker) before the "
+                                 "ingest gives up on it and exits incomplete (status 3)")
     max_pixels: int = option(50_000_000, doc="images with more pixels are rejected")
     verify: Verify = option("structure", doc="structure: header + file structure (JPEG markers and tables, PNG CRCs), no pixel decode; decode: decode every image (JPEG at 1/8 scale)")
     progress_every_s: float = option(10.0, doc="seconds between progress lines")
@@ -49,6 +54,8 @@ def run(cfg: IngestConfig) -> dict:
     output = cfg.output.rstrip("/")
     if cfg.num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {cfg.num_workers}")
+    if cfg.shard_attempts < 1:
+        raise ValueError(f"shard_attempts must be at least 1, got {cfg.shard_attempts}")
     storage.check_writable(output)
     if cfg.source.path:
         storage.check_readable(cfg.source.path)
@@ -79,25 +86,22 @@ def run(cfg: IngestConfig) -> dict:
         ray = start_ray()
         from workers.ingest import ingest_shard
 
-        remote = ingest_shard.options(runtime_env={"env_vars": storage.aws_env()})
         source_ref = ray.put(source)
         progress = Progress(sum(len(tasks[i].entries) for i in todo), "ingest inputs", log.info, cfg.progress_every_s)
-        pending: dict = {}
-        queue = list(reversed(todo))
-        while queue or pending:
-            while queue and len(pending) < cfg.num_workers:
-                i = queue.pop()
-                ref = remote.remote(source_ref, tasks[i])
-                pending[ref] = i
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                index = pending.pop(ref)
-                record = parts[index] = ray.get(ref)
-                metrics.shards.inc()
-                metrics.samples.inc(record["samples"])
-                for reject in record["rejects"]:
-                    metrics.rejects.labels(reason=reject["code"]).inc()
-                progress.update(record["inputs"])
+
+        def done(index: int, record: dict) -> None:
+            parts[index] = record
+            metrics.shards.inc()
+            metrics.samples.inc(record["samples"])
+            for reject in record["rejects"]:
+                metrics.rejects.labels(reason=reject["code"]).inc()
+            progress.update(record["inputs"])
+
+        lost = fan_out(todo, range(cfg.num_workers), lambda _, i: ingest_shard.remote(source_ref, tasks[i]), done,
+                       attempts=cfg.shard_attempts, name=shard_name)
+        if lost:
+            raise Incomplete(f"{len(lost)} of {len(work.groups)} shards of {output} not written (first: "
+                             f"{shard_name(lost[0].unit)}: {lost[0].error}); dataset.json was not written")
     info = ingest.finalize(output, cfg.name or output.rsplit("/", 1)[-1], source.class_names, parts,
                            work.rejects, work.inputs, to_dict(cfg.source))
     log.info("ingest: %d samples in %d shards, %d rejected (%s) -> %s", info["total_samples"], len(info["shards"]),
@@ -106,12 +110,9 @@ def run(cfg: IngestConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    setup_logging()
     cfg = parse_cli(IngestConfig, argv, prog="python -m pipelines.ingest")
-    try:
-        run(cfg)
-    except (storage.StorageError, FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"ingest failed: {exc}") from None
+    run_main("ingest", lambda: run(cfg))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ actor waits for the driver. After the pool, the consistency pass lists the masks
 stats lines a killed run never flushed, sums the evaluation, and names every input image that has
 neither a mask nor a failure. ``label_job.json`` is written last.
 
-Joins the Ray cluster in ``RAY_ADDRESS`` (``ray job submit``) or starts a local one. Re-running the
-same command after a crash finishes the rest. ``--help`` lists every key.
+Joins the Ray cluster in ``RAY_ADDRESS`` (``ray job submit``) or starts a local one. Exits 0 only
+when every input image has a mask or a recorded failure, 3 when work is left (``pipelines.entry``);
+re-running the same command after a crash or an outage finishes the rest. ``--help`` lists every key.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import json
 import logging
 import time
 import uuid
-from collections import deque
 
 from PIL import Image
 
 from pipelines.cluster import start_ray
+from pipelines.entry import Incomplete, run_main, setup_logging
+from pipelines.fanout import fan_out
 from system import storage
 from system.config import dump_yaml, parse_cli, to_dict
 from system.label.config import LabelConfig
@@ -83,50 +85,47 @@ def run(cfg: LabelConfig) -> dict:
     if cfg.metrics_port:
         start_metrics_server(cfg.metrics_port, cfg.metrics_addr)
 
-    ray = start_ray(storage.aws_env())
-    from workers.label import LabelActor
+    ray = start_ray()
+    from workers.label import LabelActor, UnitResult
 
     gpus = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
     done_ref = ray.put(done)
-    actor = LabelActor.options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus, runtime_env={"env_vars": storage.aws_env()})
+    actor = LabelActor.options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
     actors = [actor.remote(cfg, names, run_id, i, done_ref, model_id) for i in range(cfg.num_actors)]
     infos = ray.get([a.info.remote() for a in actors])
     log.info("label %s: actors ready: %s", run_id, infos)
 
     metrics = label_metrics()
     progress = Progress(plan.total, "label")
-    queue = deque(plan.units)
-    inflight: dict = {}
-    load = [0] * len(actors)
     seen: set[str] = set()
     failures: list[dict] = list(plan.rejects)
     previews: list[tuple[str, bytes]] = []
-    written = skipped = 0
+    written = skipped = finished = 0
     t_pool = time.monotonic()
-    while queue or inflight:
-        for i, a in enumerate(actors):
-            while queue and load[i] < UNITS_PER_ACTOR:
-                unit = queue.popleft()
-                want = cfg.num_previews if len(previews) < cfg.num_previews else 0
-                inflight[a.label.remote(unit, want)] = (i, unit)
-                load[i] += 1
-        metrics.queue_depth.set(len(queue) + sum(max(0, n - 1) for n in load))
-        ready, _ = ray.wait(list(inflight), num_returns=1)
-        for ref in ready:
-            i, unit = inflight.pop(ref)
-            load[i] -= 1
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayError as exc:
-                failures.append({"key": "", "id": "", "source": unit.uri, "reason": f"unit {unit.index} failed: {type(exc).__name__}", "run": run_id})
-                log.error("label %s: unit %d (%s) failed: %s", run_id, unit.index, unit.uri, exc)
-                continue
-            seen.update(result["seen"])
-            written += result["written"]
-            skipped += result["skipped"]
-            failures.extend(result["failures"])
-            previews.extend(result["previews"][: cfg.num_previews - len(previews)])
-            progress.update(len(result["seen"]))
+
+    def submit(a, unit):
+        want = cfg.num_previews if len(previews) < cfg.num_previews else 0
+        return a.label.remote(unit, want)
+
+    def done_unit(unit, result: UnitResult) -> None:
+        nonlocal written, skipped, finished
+        finished += 1
+        seen.update(result.seen)
+        written += result.written
+        skipped += result.skipped
+        failures.extend(result.failures)
+        previews.extend(result.previews[: cfg.num_previews - len(previews)])
+        progress.update(len(result.seen))
+
+    def waiting(in_flight: int) -> None:
+        metrics.queue_depth.set(len(plan.units) - finished - in_flight + max(0, in_flight - len(actors)))
+
+    slots = [a for _ in range(UNITS_PER_ACTOR) for a in actors]
+    lost = fan_out(plan.units, slots, submit, done_unit, attempts=cfg.unit_attempts, on_wait=waiting,
+                   name=lambda unit: f"unit {unit.index} ({unit.uri})")
+    for item in lost:
+        failures.append({"key": "", "id": "", "source": item.unit.uri, "run": run_id,
+                         "reason": f"unit {item.unit.index} lost after {item.attempts} attempts: {item.error}"})
     pool_seconds = time.monotonic() - t_pool
     metrics.queue_depth.set(0)
     for a in actors:
@@ -138,7 +137,7 @@ def run(cfg: LabelConfig) -> dict:
     counts = {
         "input": plan.total, "seen": len(seen), "written": written, "skipped_existing": skipped,
         "failed": len(failures), "masks": final["masks"], "missing": final["missing"],
-        "not_reached": max(0, plan.total - len(seen) - len(plan.rejects)),
+        "not_reached": max(0, plan.total - len(seen) - len(plan.rejects)), "units_lost": len(lost),
     }
     job = {
         "format": "clustercam-label-job", "version": 1, "run": run_id,
@@ -147,7 +146,7 @@ def run(cfg: LabelConfig) -> dict:
         "dataset": {"uri": cfg.data, "kind": plan.kind, "name": plan.info.get("name"), "classes": names, "images": plan.total},
         "actors": infos,
         "counts": counts,
-        "complete": counts["missing"] == 0 and counts["not_reached"] == 0 and final["masks_without_stats"] == 0,
+        "complete": not lost and counts["missing"] == 0 and counts["not_reached"] == 0 and final["masks_without_stats"] == 0,
         "consistency": {k: final[k] for k in ("masks", "stats_lines", "stats_recovered", "masks_without_stats", "missing", "missing_keys")},
         "failures": failures[:1000],
         "eval": final["eval"],
@@ -177,13 +176,21 @@ def _write_previews(output: str, previews: list[tuple[str, bytes]]) -> list[str]
     return names
 
 
+def run_complete(cfg: LabelConfig) -> dict:
+    """``run``, raising ``Incomplete`` (exit status 3) when any input image has neither a mask nor a
+    recorded failure: a scheduler that trusts the exit status never takes a partial job for done."""
+    job = run(cfg)
+    if not job["complete"]:
+        c = job["counts"]
+        raise Incomplete(f"{cfg.output}: {c['missing'] + c['not_reached']} of {c['input']} images have no mask yet "
+                         f"({c['units_lost']} units lost, {job['consistency']['masks_without_stats']} masks without stats)")
+    return job
+
+
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    setup_logging()
     cfg = parse_cli(LabelConfig, argv, prog="python -m pipelines.label")
-    try:
-        run(cfg)
-    except (storage.StorageError, FileNotFoundError, ClassMismatch, CheckpointError, ValueError) as exc:
-        raise SystemExit(f"label failed: {exc}") from None
+    run_main("label", lambda: run_complete(cfg), bad_input=(ClassMismatch, CheckpointError))
 
 
 if __name__ == "__main__":

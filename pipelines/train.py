@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from urllib.parse import urlparse
 
+from pipelines.entry import BadInput, Incomplete, run_main, setup_logging
 from system import storage
 from system.config import dump_yaml, parse_cli, to_dict
 from system.data.shards import read_dataset
@@ -25,7 +25,7 @@ from system.training import TrainConfig, steps_per_epoch
 log = logging.getLogger("clustercam.train")
 
 
-class PreflightError(RuntimeError):
+class PreflightError(BadInput):
     """The run cannot start; the message names the input at fault."""
 
 
@@ -73,19 +73,15 @@ def run_storage(cfg: TrainConfig):
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kwargs.update(
-            access_key=os.environ["AWS_ACCESS_KEY_ID"],
-            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-            session_token=os.environ.get("AWS_SESSION_TOKEN"),
-        )
+    # no keys here: Ray ships this object to its controller and workers, and each resolves the AWS
+    # credential chain (its node's environment, profile or instance identity) where it runs
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     return runs.removeprefix("s3://"), pyarrow.fs.S3FileSystem(region=region, **kwargs)
 
 
 def run(cfg: TrainConfig):
     """Run (or resume) the training; returns Ray Train's Result."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.cluster import start_ray
@@ -93,7 +89,7 @@ def run(cfg: TrainConfig):
 
     info = preflight(cfg)
     storage.put_bytes(cfg.run_uri() + "/config.yaml", dump_yaml(cfg).encode())
-    start_ray(storage.aws_env())
+    start_ray()
     storage_path, filesystem = run_storage(cfg)
     log.info(
         "training %s: %d samples, %d classes, %d workers x batch %d x accumulation %d = global batch %d -> %s",
@@ -118,17 +114,40 @@ def run(cfg: TrainConfig):
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
     )
-    return trainer.fit()
-
-
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = parse_cli(TrainConfig, argv, prog="python -m pipelines.train")
     try:
-        result = run(cfg)
-    except PreflightError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return trainer.fit()
+    except TrainingFailedError as exc:
+        if not _resumable(exc):
+            raise
+        raise Incomplete(f"training {cfg.run_uri()} stopped before its last step ({_first_line(exc)}); its latest "
+                         "checkpoint is kept and a re-run resumes from it") from exc
+
+
+def _resumable(exc: BaseException) -> bool:
+    """Lost workers, preemption and storage outages: a re-run resumes; a failure in our code does not pass."""
+    import ray.exceptions
+    from ray.train import WorkerGroupError
+    from ray.train.v2.api.exceptions import PreemptionError
+
+    lost = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError,
+            ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError)
+    if isinstance(exc, PreemptionError):
+        return True
+    if not isinstance(exc, WorkerGroupError) or not exc.worker_failures:
+        return False
+    return all(isinstance(e, lost) or storage.is_transient(getattr(e, "cause", None) or e)
+               for e in exc.worker_failures.values())
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip() and "Training failed" not in line]
+    return lines[0].strip()[:300] if lines else type(exc).__name__
+
+
+def _train_and_report(cfg: TrainConfig) -> None:
+    result = run(cfg)
+    if not storage.exists(cfg.run_uri() + "/model/model.json"):
+        raise Incomplete(f"training {cfg.run_uri()} ended without exporting {cfg.run_uri()}/model")
     summary = {
         "run": cfg.run_uri(),
         "model": cfg.run_uri() + "/model",
@@ -136,6 +155,12 @@ def main(argv: list[str] | None = None) -> None:
         "metrics": result.metrics,
     }
     print(json.dumps(summary, indent=1, default=str))
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    cfg = parse_cli(TrainConfig, argv, prog="python -m pipelines.train")
+    run_main("train", lambda: _train_and_report(cfg))
 
 
 if __name__ == "__main__":

@@ -16,12 +16,16 @@ Public API::
     download_file(uri, local_path) -> None        # atomic on the local side
     join(uri, *parts) -> str
     check_readable(uri) / check_writable(uri)     # fail fast with StorageError naming the URI
-    aws_env() -> dict[str, str]                   # the AWS variables a remote worker needs
+    aws_settings() -> dict[str, str]              # the non-secret AWS settings a job may carry
+    is_transient(exc) -> bool                     # a network fault or a server-side 5xx: worth a retry
 
 Endpoint and credentials come only from boto3's standard chain (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE`` ...): nothing here logs, stores or
-formats them into messages. Transient errors are retried by botocore (standard mode unless
-``AWS_RETRY_MODE`` says otherwise).
+formats them into messages. Credentials never travel with a job: every node (and so every Ray worker,
+which inherits the raylet's environment) finds its own, and only ``aws_settings()`` (endpoint,
+region, retry mode) may be handed to remote workers. Transient errors are retried by botocore
+(standard mode unless ``AWS_RETRY_MODE`` says otherwise); what outlasts those retries is marked
+``transient`` so the callers that own a unit of work can retry the whole unit later.
 
 Atomic writes: a local write goes to a temporary file in the target folder and is renamed over the
 final name. An S3 PUT (single or multipart) is already atomic - the object becomes visible complete
@@ -31,10 +35,12 @@ or not at all - so a temporary key plus copy would only double the traffic and l
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
 import os
 import queue
 import shutil
+import socket
 import tempfile
 import threading
 import uuid
@@ -44,24 +50,31 @@ from urllib.parse import urlparse
 
 import boto3
 import botocore.exceptions
+import urllib3.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-_AWS_VARIABLES = (
+# settings a job may carry to its workers: none of them is a secret
+_AWS_SETTINGS = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
-    "AWS_PROFILE",
-    "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
     "AWS_CA_BUNDLE",
     "AWS_RETRY_MODE",
     "AWS_MAX_ATTEMPTS",
 )
+# what selects this process's credentials: part of a client's identity, never handed on
+_AWS_IDENTITY = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
+                    "Throttling", "ThrottlingException", "RequestLimitExceeded"}
 _TRANSFER = TransferConfig(multipart_threshold=8 * 2**20, multipart_chunksize=8 * 2**20)
 _clients: dict[tuple, object] = {}
 _sessions: dict[tuple, boto3.session.Session] = {}
@@ -69,7 +82,38 @@ _clients_lock = threading.Lock()
 
 
 class StorageError(RuntimeError):
-    """A storage location cannot be used; the message names the URI and the reason."""
+    """A storage location cannot be used; the message names the URI and the reason.
+
+    ``transient`` marks a fault that may pass (the endpoint unreachable, a reset, a 5xx): re-running
+    the same work later can succeed, so it must not be recorded as a property of the input."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+def _transient_one(exc: BaseException) -> bool:
+    if isinstance(exc, StorageError):
+        return exc.transient
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return str(error.get("Code", "")) in _TRANSIENT_CODES or int(status) >= 500
+    if isinstance(exc, (botocore.exceptions.HTTPClientError, botocore.exceptions.ConnectionError,
+                        botocore.exceptions.IncompleteReadError, urllib3.exceptions.HTTPError, http.client.HTTPException)):
+        return True
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a network fault or a server-side error that may pass."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if _transient_one(exc):
+            return True
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        seen += 1
+    return False
 
 
 def is_s3(uri: str) -> bool:
@@ -88,16 +132,19 @@ def _local(uri: str) -> Path:
     return Path(urlparse(uri).path if uri.startswith("file://") else uri)
 
 
-def aws_env() -> dict[str, str]:
-    """The AWS settings of this process, to hand to Ray workers (their env comes from the raylet)."""
-    return {k: os.environ[k] for k in _AWS_VARIABLES if k in os.environ}
+def aws_settings() -> dict[str, str]:
+    """The non-secret AWS settings of this process (endpoint, region, retries), for a job's workers.
+
+    Credentials are deliberately absent: a ``runtime_env`` is logged by Ray's runtime-env agent and
+    shown by the dashboard, so workers read theirs from their own node's environment."""
+    return {k: os.environ[k] for k in _AWS_SETTINGS if k in os.environ}
 
 
 def _client(fast_fail: bool = False):
     """A boto3 client per process and AWS setting. Clients are per pid (their connection pools must
     not cross a fork); sessions are shared, so a forked DataLoader or Ray worker reuses the parsed
     service models instead of spending ~0.1 CPU-second loading them again."""
-    env = tuple(sorted(aws_env().items()))
+    env = tuple(sorted((k, os.environ[k]) for k in _AWS_SETTINGS + _AWS_IDENTITY if k in os.environ))
     key = (os.getpid(), fast_fail, env)
     with _clients_lock:
         client = _clients.get(key)
@@ -132,9 +179,12 @@ os.register_at_fork(after_in_child=_after_fork)
 def _explain(uri: str, exc: Exception) -> StorageError:
     """Turn a botocore failure into a message a person can act on, without any secret in it."""
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
-        return StorageError(f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
+        return StorageError(f"{uri}: no AWS credentials found on host {socket.gethostname()} (set AWS_ACCESS_KEY_ID/"
+                            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE in every node's environment, or give the node an "
+                            "identity: a Kubernetes Secret, IRSA or an instance profile)")
     if isinstance(exc, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
-        return StorageError(f"{uri}: cannot reach the S3 endpoint ({type(exc).__name__}); check AWS_ENDPOINT_URL")
+        return StorageError(f"{uri}: cannot reach the S3 endpoint ({type(exc).__name__}); check AWS_ENDPOINT_URL",
+                            transient=True)
     if isinstance(exc, botocore.exceptions.ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -142,8 +192,8 @@ def _explain(uri: str, exc: Exception) -> StorageError:
             return StorageError(f"{uri}: bucket or object does not exist ({code})")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
             return StorageError(f"{uri}: credentials refused by the S3 endpoint ({code})")
-        return StorageError(f"{uri}: S3 error {code or status}")
-    return StorageError(f"{uri}: {type(exc).__name__}: {exc}")
+        return StorageError(f"{uri}: S3 error {code or status}", transient=_transient_one(exc))
+    return StorageError(f"{uri}: {type(exc).__name__}: {exc}", transient=is_transient(exc))
 
 
 def _is_not_found(exc: Exception) -> bool:
@@ -272,7 +322,8 @@ class _S3Writer:
     def _failure(self) -> Exception:
         if isinstance(self.error, botocore.exceptions.ClientError):
             return _explain(self.uri, self.error)
-        return StorageError(f"{self.uri}: upload failed ({type(self.error).__name__}: {self.error})")
+        return StorageError(f"{self.uri}: upload failed ({type(self.error).__name__}: {self.error})",
+                            transient=is_transient(self.error))
 
     def finish(self) -> None:
         self.pipe.flush(self.thread.is_alive)

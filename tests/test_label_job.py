@@ -97,7 +97,7 @@ def test_seg_job_reports_failures_stats_eval_and_previews(seg_job):
     cfg, job, samples = seg_job
     counts = job["counts"]
     assert counts == {"input": 13, "seen": 13, "written": 12, "skipped_existing": 0, "failed": 1, "masks": 12,
-                      "missing": 0, "not_reached": 0}
+                      "missing": 0, "not_reached": 0, "units_lost": 0}
     assert job["complete"] and job["failures"][0]["key"] == "broken"
     assert job["failures"][0]["reason"].startswith("unreadable image")
     failure_lines = [json.loads(line) for uri in storage.list_uris(storage.join(cfg.output, "failures"))

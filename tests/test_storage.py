@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import botocore.exceptions
 import pytest
 
 from system import storage
@@ -116,10 +117,53 @@ def test_local_checks_name_the_path(tmp_path):
         storage.check_writable(str(blocker / "sub"))
 
 
-def test_aws_env_carries_only_aws_settings(s3_server):
-    env = storage.aws_env()
-    assert env["AWS_ENDPOINT_URL"] == s3_server.endpoint
-    assert all(k.startswith("AWS_") for k in env)
+def test_aws_settings_carry_the_endpoint_but_never_a_credential(s3_server):
+    settings = storage.aws_settings()
+    assert settings["AWS_ENDPOINT_URL"] == s3_server.endpoint
+    assert all(k.startswith("AWS_") for k in settings)
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & settings.keys()
+    assert s3_server.secret_key not in repr(settings) and s3_server.access_key not in repr(settings)
+
+
+def _client_error(code: str, status: int) -> botocore.exceptions.ClientError:
+    return botocore.exceptions.ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+
+def test_network_faults_and_server_errors_are_transient_and_input_faults_are_not():
+    transient = [
+        botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),
+        botocore.exceptions.ReadTimeoutError(endpoint_url="http://127.0.0.1:1"),
+        ConnectionResetError(104, "reset"),
+        _client_error("SlowDown", 503),
+        _client_error("InternalError", 500),
+        storage.StorageError("s3://b/k: cannot reach the S3 endpoint", transient=True),
+    ]
+    permanent = [
+        FileNotFoundError("s3://b/k"),
+        _client_error("AccessDenied", 403),
+        _client_error("NoSuchBucket", 404),
+        storage.StorageError("s3://b/k: credentials refused"),
+        ValueError("bad value"),
+    ]
+    assert all(storage.is_transient(exc) for exc in transient)
+    assert not any(storage.is_transient(exc) for exc in permanent)
+    try:
+        try:
+            raise ConnectionResetError(104, "reset")
+        except ConnectionResetError as exc:
+            raise RuntimeError("wrapped") from exc
+    except RuntimeError as wrapped:
+        assert storage.is_transient(wrapped)
+
+
+def test_an_unreachable_endpoint_is_a_transient_storage_error(s3_root, monkeypatch):
+    from pipelines.stack import free_ports
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(Exception) as caught:
+        storage.get_bytes(storage.join(s3_root, "anything"))
+    assert storage.is_transient(caught.value)
 
 
 def test_join_handles_slashes():

@@ -6,6 +6,11 @@ overlap (threads around the model), so the device waits on nothing but its own w
 already have a mask (the driver's one listing, shared through the object store) are skipped before
 their images are decoded.
 
+A transient storage fault (the object store restarting, a reset connection) is never recorded as a
+failure of an image: the unit is tried again inside the actor with backoff, skipping the keys the
+interrupted try already stored, and if the fault outlasts those tries the call fails and the driver
+re-queues the unit.
+
 Progress shows three ways: a Ray progress bar per actor (rendered by the driver), the driver's
 rate/ETA log lines, and Prometheus series per actor (images, failures by reason, batch seconds,
 images/s).
@@ -13,6 +18,8 @@ images/s).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import time
 import uuid
@@ -22,6 +29,7 @@ import ray
 import torch
 from ray.experimental import tqdm_ray
 
+from system import storage
 from system.label.config import LabelConfig
 from system.label.infer import Failure, Labeller
 from system.label.inputs import Unit, unit_samples
@@ -29,6 +37,26 @@ from system.label.outputs import OutputWriter
 from system.label.previews import overlay, png_bytes
 from system.model import load_clustercam
 from system.telemetry import label_metrics, start_metrics_server
+
+log = logging.getLogger("workers.label")
+
+
+@dataclasses.dataclass
+class UnitResult:
+    """What one call returns to the driver: the unit's keys met (labelled, skipped or failed) and counts."""
+
+    unit: int
+    seen: list[str]
+    written: int
+    skipped: int
+    failures: list[dict]
+    previews: list[tuple[str, bytes]]
+    seconds: float
+    tries: int = 1
+
+
+class UnitInterrupted(RuntimeError):
+    """A unit stopped by a transient storage fault that outlasted the actor's own tries."""
 
 
 @ray.remote(max_restarts=2, max_task_retries=2)
@@ -60,19 +88,45 @@ class LabelActor:
         self.metrics.batch_seconds.labels(self.name).observe(seconds)
         self.metrics.images_per_second.labels(self.name).set(n / max(seconds, 1e-9))
 
-    def label(self, unit: Unit, previews: int = 0) -> dict:
-        """Label one unit; returns its keys and counts (failures are also written to failures/)."""
+    def label(self, unit: Unit, previews: int = 0) -> UnitResult:
+        """Label one unit, trying again with backoff while storage fails transiently."""
         start = time.monotonic()
-        seen, skipped, failures, shown = [], 0, [], []
-        written_before = self.writer.written
+        self.writer.begin_unit()
+        stored_before: set[str] = set()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                result = self._label_once(unit, previews, stored_before)
+                result.seconds, result.tries = time.monotonic() - start, attempt
+                return result
+            except Exception as exc:
+                if not storage.is_transient(exc):
+                    raise
+                self.writer.settle()
+                stored_before = set(self.writer.stored)
+                line = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                if attempt == self.cfg.unit_retries:
+                    raise UnitInterrupted(f"unit {unit.index} ({unit.uri}) interrupted {attempt} times by storage "
+                                          f"faults, last: {line}") from None
+                delay = 2.0 * 2 ** (attempt - 1)
+                log.warning("unit %d: storage fault (%s), try %d of %d again in %.0f s", unit.index, line, attempt + 1,
+                            self.cfg.unit_retries, delay)
+                time.sleep(delay)
+
+    def _label_once(self, unit: Unit, previews: int, stored_before: set[str]) -> UnitResult:
+        seen, failures, shown = [], [], []
+        skipped = 0
+        written_before = self.writer.written - len(stored_before)
         index = {name: k for k, name in enumerate(self.class_names)}
+        skip = self.done | stored_before if stored_before else self.done
 
         def samples():
             nonlocal skipped
-            for sample in unit_samples(unit, index, self.done):
+            for sample in unit_samples(unit, index, skip):
                 if isinstance(sample, str):
                     seen.append(sample)
-                    skipped += 1
+                    skipped += sample not in stored_before
                     continue
                 seen.append(sample.key)
                 yield sample
@@ -96,10 +150,9 @@ class LabelActor:
                 for lost in self.writer.collect():
                     fail(lost)
         except (OSError, ValueError) as exc:
+            if storage.is_transient(exc):
+                raise
             fail(Failure("", "", unit.uri, f"unit {unit.index} could not be read ({type(exc).__name__}: {exc})"))
         for lost in self.writer.close():
             fail(lost)
-        seconds = time.monotonic() - start
-        written = self.writer.written - written_before
-        return {"unit": unit.index, "seen": seen, "written": written, "skipped": skipped, "failures": failures,
-                "previews": shown, "seconds": seconds}
+        return UnitResult(unit.index, seen, self.writer.written - written_before, skipped, failures, shown, 0.0)

@@ -43,6 +43,9 @@ class LabelConfig:
     threads_per_actor: int = option(0, doc="torch CPU threads per actor; 0: Ray's default (max(1, cpus_per_actor))")
     decode_threads: int = option(2, doc="threads per actor decoding images and writing masks while the model runs")
     manifest_chunk: int = option(256, doc="manifest images per work unit (a dataset's unit is one shard)")
+    unit_retries: int = option(3, doc="tries of a unit inside its actor when storage fails transiently (backoff 2, 4, 8 s ...)")
+    unit_attempts: int = option(4, doc="calls of a unit the driver makes (a failed call is re-queued with backoff) "
+                                "before the job gives up on it and exits incomplete (status 3)")
     flush_every: int = option(256, doc="stats/failure lines buffered per actor before a part file is written")
     num_previews: int = option(8, doc="overlay previews (and contact sheet tiles) written under previews/")
     metrics_port: int = option(0, doc="Prometheus port of the driver; actors use the following ports; 0: off")
@@ -52,7 +55,8 @@ class LabelConfig:
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
-        for name in ("batch_size", "num_actors", "decode_threads", "manifest_chunk", "flush_every", "max_side", "cam_layers"):
+        for name in ("batch_size", "num_actors", "decode_threads", "manifest_chunk", "flush_every", "max_side", "cam_layers",
+                     "unit_retries", "unit_attempts"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.scales or min(self.scales) <= 0:

@@ -142,6 +142,8 @@ def _manifest_sample(entry: Entry, class_index: dict[str, int]) -> Sample:
     try:
         image = storage.get_bytes(entry.image)
     except (FileNotFoundError, OSError, storage.StorageError) as exc:
+        if storage.is_transient(exc):
+            raise  # not a property of the image: the unit is retried
         return Sample(key, entry.id, labels, None, None, entry.image, f"cannot read image ({type(exc).__name__}: {exc})")
     gt = None
     mask_uri = (entry.extra or {}).get("mask")
@@ -149,6 +151,8 @@ def _manifest_sample(entry: Entry, class_index: dict[str, int]) -> Sample:
         try:
             gt = storage.get_bytes(mask_uri)
         except (FileNotFoundError, OSError, storage.StorageError) as exc:
+            if storage.is_transient(exc):
+                raise
             return Sample(key, entry.id, labels, None, None, mask_uri, f"cannot read GT mask ({type(exc).__name__}: {exc})")
     return Sample(key, entry.id, labels, image, gt, entry.image)
 

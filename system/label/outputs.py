@@ -28,6 +28,7 @@ Public API::
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import struct
@@ -110,7 +111,9 @@ class OutputWriter:
     """Writes one actor's masks from a thread pool and its stats/failure lines in parts.
 
     A stats line is only buffered once its mask is stored, and a part is only written after its
-    masks, so a line always refers to an existing mask.
+    masks, so a line always refers to an existing mask. A write that fails for a transient reason
+    (the object store unreachable) is not a failure of the image: ``collect`` raises it so the unit
+    is retried, and ``stored`` tells the retry which keys of the unit are already done.
     """
 
     def __init__(self, cfg: LabelConfig, class_names: list[str], run_id: str, writer_id: str, model_id: str, pool: Executor):
@@ -123,6 +126,7 @@ class OutputWriter:
         self.pending: deque[tuple[Labelled, Future]] = deque()
         self.lines: list[dict] = []
         self.failures: list[dict] = []
+        self.stored: set[str] = set()
         self.seq = 0
         self.written = 0
 
@@ -150,6 +154,9 @@ class OutputWriter:
             storage.put_bytes(storage.join(self.cfg.output, self.cfg.mask_dir(mode), f"{item.sample.key}.png"), png)
         return line
 
+    def begin_unit(self) -> None:
+        self.stored = set()
+
     def submit(self, item: Labelled | Failure) -> None:
         if isinstance(item, Failure):
             self.failures.append({**item.line(), "run": self.run_id})
@@ -157,21 +164,33 @@ class OutputWriter:
         self.pending.append((item, self.pool.submit(self._store, item)))
 
     def collect(self, wait: bool = False) -> list[Failure]:
-        """Move stored masks' lines into the buffer; returns images whose write failed."""
-        failed = []
+        """Move stored masks' lines into the buffer; returns images whose write failed for good, and
+        raises the first transient write error once every finished write is accounted for."""
+        failed, transient = [], None
         while self.pending and (wait or self.pending[0][1].done()):
             item, future = self.pending.popleft()
             try:
                 self.lines.append(future.result())
                 self.written += 1
+                self.stored.add(item.sample.key)
             except (OSError, storage.StorageError) as exc:
+                if storage.is_transient(exc):
+                    transient = transient or exc
+                    continue
                 s = item.sample
                 failure = Failure(s.key, s.id, s.source, f"writing the mask failed ({exc})")
                 self.failures.append({**failure.line(), "run": self.run_id})
                 failed.append(failure)
+        if transient is not None:
+            raise transient
         if len(self.lines) + len(self.failures) >= self.cfg.flush_every:
             self.flush()
         return failed
+
+    def settle(self) -> None:
+        """Wait for every write in flight after a unit was interrupted, keeping what was stored."""
+        with contextlib.suppress(OSError, storage.StorageError):
+            self.collect(wait=True)
 
     def flush(self) -> None:
         for folder, lines in ((STATS_DIR, self.lines), (FAILURES_DIR, self.failures)):
