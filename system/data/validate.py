@@ -8,14 +8,19 @@ losslessly as PNG so every shard holds only formats every reader decodes.
 
 Two levels of checking (``verify``). ``structure`` (the default) checks each file's structure
 without decoding pixels: a JPEG's every marker segment, table and scan through EOI with libjpeg's
-rules (``system.data.jpeg``, which also supplies the size and colour layout), a PNG's chunk CRCs
-through IEND; other formats are decoded. On 8,000 randomly damaged JPEGs (truncation, bit flips,
-overwritten or deleted runs; baseline and progressive) it refused every file that a decode refuses,
-and some that a decode lets through with a warning (a marker inside the entropy data blanks the rest
-of the image), at about a tenth of a decode's cost. ``decode`` decodes every image instead (JPEGs at
-1/8 scale: libjpeg's DCT scaling still reads every byte of the entropy stream). Neither catches a
-bit error inside JPEG entropy data, which libjpeg decodes with a warning; the training stream skips
-any sample that still fails to decode.
+rules, restart markers exactly where the restart interval puts them and enough entropy-coded bytes
+for each scan's blocks (``system.data.jpeg``, which also supplies the size and colour layout); a
+PNG's chunk CRCs through IEND and its inflated pixel data against the exact size its header needs
+(``system.data.png``); other formats are decoded. On 8,000 randomly damaged JPEGs (truncation, bit
+flips, overwritten or deleted runs; baseline and progressive) it refused every file that a decode
+refuses, and some that a decode lets through with a warning (a marker inside the entropy data blanks
+the rest of the image), at a few percent of a 1/8-scale decode's cost (a PNG's inflate costs
+nearly a decode). ``decode`` runs the same structure check and then decodes every image
+(JPEGs at 1/8 scale: libjpeg's DCT scaling still reads every byte of the entropy stream), so it
+refuses everything ``structure`` refuses and more: a decode alone would pass a PNG with a damaged
+CRC or a JPEG whose restart markers are off, where libjpeg only warns. Neither catches a bit error
+inside JPEG entropy data, which libjpeg decodes with a warning; the training stream skips any sample
+that still fails to decode.
 
 Public API::
 
@@ -32,9 +37,10 @@ import warnings
 from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from system.data.jpeg import check_jpeg
+from system.data.png import check_png
 from system.data.sources import BadEntry, Entry, Loaded
 from system.masks import encode_mask
 
@@ -44,13 +50,6 @@ Verify = Literal["structure", "decode"]
 
 
 _JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
-
-
-def _check_structure(image: Image.Image) -> None:
-    if image.format == "PNG":
-        image.verify()
-    else:
-        image.load()
 
 
 def _check_size_and_mode(width: int, height: int, mode: str, max_pixels: int) -> None:
@@ -64,49 +63,70 @@ def _check_size_and_mode(width: int, height: int, mode: str, max_pixels: int) ->
         raise BadEntry("unsupported_mode", f"unsupported image mode {mode}")
 
 
-def _inspect_jpeg(data: bytes, max_pixels: int) -> tuple[str, bytes, int, int]:
+def _corrupt(kind: str, exc: Exception) -> BadEntry:
+    return BadEntry("corrupt", f"corrupt or truncated image ({kind}: {exc})")
+
+
+def _inspect_jpeg(data: bytes, max_pixels: int) -> tuple[int, int]:
     """The structure walk reads the frame header too: no second parser (PIL's) needed."""
     try:
         frame = check_jpeg(data)
     except ValueError as exc:
-        raise BadEntry("corrupt", f"corrupt or truncated image ({exc})") from None
+        raise _corrupt("jpeg", exc) from None
     mode = _JPEG_MODES.get(frame.components, f"{frame.components}-component")
     _check_size_and_mode(frame.width, frame.height, mode if frame.precision == 8 else f"{frame.precision}-bit {mode}",
                          max_pixels)
-    return "jpg", data, frame.width, frame.height
+    return frame.width, frame.height
 
 
-def inspect_image(data: bytes, max_pixels: int, verify: Verify = "structure") -> tuple[str, bytes, int, int]:
-    if not data:
-        raise BadEntry("empty", "empty file (0 bytes)")
-    if verify == "structure" and data[:2] == b"\xff\xd8":
-        return _inspect_jpeg(data, max_pixels)
+def _open(data: bytes) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise BadEntry("unreadable", "unreadable image (format not recognised)") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise BadEntry("too_large", f"image too large ({exc})") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise BadEntry("corrupt", f"corrupt image header ({exc})") from None
+
+
+def _decode(image: Image.Image) -> None:
+    """Every pixel, with Pillow refusing a short file rather than padding it."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: decoding would not refuse truncated images")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _corrupt(f"{(image.format or 'image').lower()} decode", exc) from None
+
+
+def inspect_image(data: bytes, max_pixels: int, verify: Verify = "structure") -> tuple[str, bytes, int, int]:
+    """(extension, bytes to store, width, height) of an acceptable image. ``decode`` runs every
+    ``structure`` check before it decodes, so it refuses whatever ``structure`` refuses."""
+    if not data:
+        raise BadEntry("empty", "empty file (0 bytes)")
+    if data[:2] == b"\xff\xd8":
+        width, height = _inspect_jpeg(data, max_pixels)
+        if verify == "decode":
+            image = _open(data)
+            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+            _decode(image)
+        return "jpg", data, width, height
+    image = _open(data)
     width, height = image.size
     _check_size_and_mode(width, height, image.mode, max_pixels)
     fmt = image.format
-    try:
-        if verify == "structure":
-            _check_structure(image)
-        else:
-            if fmt == "JPEG":
-                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-            image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise BadEntry("corrupt", f"corrupt or truncated image ({exc})") from None
+    if fmt == "PNG":
+        try:
+            check_png(data)
+        except ValueError as exc:
+            raise _corrupt("png", exc) from None
+    if fmt != "PNG" or verify == "decode":  # other formats have no structure check but a decode
+        _decode(image)
     if fmt in _KEEP:
         return _KEEP[fmt], data, width, height
-    if verify == "structure":
-        image = Image.open(io.BytesIO(data))  # verify() leaves the image unusable
     out = io.BytesIO()
     image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB").save(out, format="PNG")
     return "png", out.getvalue(), width, height
