@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.entry import EXIT_INCOMPLETE, Incomplete, run_main, setup_logging
 from pipelines.evaluate import EvaluateConfig, evaluate
 from pipelines.stack import start_ray_head, start_s3
 from system import storage
@@ -90,12 +91,18 @@ class Paths:
 
 
 def _run_step(name: str, module: str, args: list[str], env: dict[str, str]) -> float:
-    """Run ``python -m <module> args`` as its own process (as a job would be); returns its seconds."""
+    """Run ``python -m <module> args`` as its own process (as a job would be); returns its seconds.
+
+    A step's status follows ``pipelines.entry``, and the demo passes it on: bad input stays bad
+    input, an incomplete step leaves the demo incomplete (re-running it resumes)."""
     log.info("demo: %s: python -m %s %s", name, module, " ".join(args))
     t0 = time.monotonic()
     done = subprocess.run([sys.executable, "-m", module, *args], env=env)
+    if done.returncode == EXIT_INCOMPLETE:
+        raise Incomplete(f"{name} did not finish (its output is above)")
     if done.returncode != 0:
-        raise SystemExit(f"demo: {name} failed (exit {done.returncode}); its output is above")
+        print(f"demo: {name} failed (exit {done.returncode}); its output is above", file=sys.stderr, flush=True)
+        sys.exit(done.returncode)
     return time.monotonic() - t0
 
 
@@ -278,13 +285,13 @@ def _print(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    setup_logging()
     # `kill` as well as Ctrl-C unwinds run(), which stops the Ray head and S3 server it started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     cfg = parse_cli(DemoConfig, argv, prog="python -m pipelines.demo")
     Path(cfg.dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.dir) / "demo.yaml").write_text(dump_yaml(cfg))
-    run(cfg)
+    run_main("demo", lambda: run(cfg))
 
 
 if __name__ == "__main__":

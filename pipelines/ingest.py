@@ -43,7 +43,9 @@ class IngestConfig:
     shard_attempts: int = option(4, doc="tries of a shard whose task fails (storage outage, lost worker) before the "
                                  "ingest gives up on it and exits incomplete (status 3)")
     max_pixels: int = option(50_000_000, doc="images with more pixels are rejected")
-    verify: Verify = option("structure", doc="structure: header + file structure (JPEG markers and tables, PNG CRCs), no pixel decode; decode: decode every image (JPEG at 1/8 scale)")
+    verify: Verify = option("structure", doc="structure: file structure without a decode (JPEG markers, tables, restart "
+                            "markers and scan sizes; PNG chunks, CRCs and the inflated pixel-data size); decode: the "
+                            "structure check, then a decode of every image (JPEG at 1/8 scale)")
     progress_every_s: float = option(10.0, doc="seconds between progress lines")
     metrics_port: int = option(0, doc="Prometheus port of the driver (clustercam_ingest_*); 0: off")
     metrics_addr: str = option("127.0.0.1", doc="address the metrics endpoint binds to (0.0.0.0 for a Prometheus on another host)")
