@@ -44,8 +44,7 @@ from system.data.sources.synthetic import render
 from system.label.config import LabelConfig
 from system.label.infer import Labeller, to_input
 from system.label.inputs import Sample
-from system.label.outputs import mask_png
-from system.masks import encode_mask
+from system.masks import encode_mask, mask_codec
 from system.model import build_clustercam
 
 H, W = 375, 500
@@ -95,7 +94,7 @@ def ours(model, samples, precision: str, batch_size: int) -> tuple[list[np.ndarr
     with ThreadPoolExecutor(2) as pool:
         results = {}
         for r in labeller.label(samples, pool):
-            mask_png(r.masks["seg"], {"key": r.sample.key})
+            mask_codec("png").encode(r.masks["seg"], {"key": r.sample.key})
             results[r.sample.key] = r.masks["seg"]
     return [results[s.key] for s in samples], time.perf_counter() - start
 

@@ -25,7 +25,8 @@ from system import storage
 from system.config import option, parse_cli
 from system.label.inputs import ClassMismatch, Unit, plan_inputs, unit_samples
 from system.label.outputs import list_mask_keys
-from system.masks import decode_mask
+from system.label.config import MaskFormat
+from system.masks import decode_mask, mask_codec
 from system.metrics import ConfusionMatrix
 from system.refine import IGNORE_INDEX
 
@@ -36,18 +37,20 @@ log = logging.getLogger("pipelines.evaluate")
 class EvaluateConfig:
     """Evaluate a mask folder against a dataset's ground truth."""
 
-    masks: str = option(doc="folder or s3:// prefix of <key>.png masks")
+    masks: str = option(doc="folder or s3:// prefix of <key>.png masks (<key><suffix> of mask_format)")
     data: str = option(doc="dataset URI (shards with mask.png) or manifest with a mask column")
     output: str = option("", doc="where to write the result JSON (empty: only print it)")
     class_names: list[str] = option(factory=list, doc="class names, needed only for a manifest without a fixed class list")
     missing_as_wrong: bool = option(True, doc="score images with GT but no mask as all-ignore predictions (every GT pixel a miss)")
     threads: int = option(8, doc="parallel shard readers")
+    mask_format: MaskFormat = option("png", doc="how the masks are stored (system.masks codecs)")
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
     storage.check_readable(cfg.data)
     masks_root = cfg.masks.rstrip("/")
-    available = list_mask_keys(masks_root)
+    codec = mask_codec(cfg.mask_format)
+    available = list_mask_keys(masks_root, codec.suffix)
     plan = plan_inputs(cfg.data, None, cfg.class_names or None, chunk=256)
     names = plan.class_names
     index = {name: k for k, name in enumerate(names)}
@@ -60,9 +63,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                 continue
             gt = decode_mask(sample.gt)
             if sample.key in available:
-                pred = decode_mask(storage.get_bytes(storage.join(masks_root, f"{sample.key}.png")))
+                pred = codec.decode(storage.get_bytes(storage.join(masks_root, sample.key + codec.suffix)))
                 if pred.shape != gt.shape:
-                    raise ValueError(f"{masks_root}/{sample.key}.png is {pred.shape[1]}x{pred.shape[0]}, GT {gt.shape[1]}x{gt.shape[0]}")
+                    raise ValueError(f"{masks_root}/{sample.key}{codec.suffix} is {pred.shape[1]}x{pred.shape[0]}, GT {gt.shape[1]}x{gt.shape[0]}")
             elif cfg.missing_as_wrong:
                 pred = np.full_like(gt, IGNORE_INDEX)
                 missing += 1

@@ -75,7 +75,7 @@ def run(cfg: LabelConfig) -> dict:
     names = plan.class_names
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     model_id = model.source_id or cfg.model
-    done = frozenset() if cfg.overwrite else frozenset(list_mask_keys(storage.join(cfg.output, "masks")))
+    done = frozenset() if cfg.overwrite else frozenset(list_mask_keys(storage.join(cfg.output, "masks"), cfg.codec.suffix))
     log.info("label %s: %d images in %d units (%s), %d masks already there, mode=%s -> %s",
              run_id, plan.total, len(plan.units), plan.kind, len(done), cfg.mode, cfg.output)
     storage.put_bytes(storage.join(cfg.output, "label.yaml"), dump_yaml(cfg).encode())

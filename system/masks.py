@@ -1,20 +1,23 @@
-"""Segmentation masks as 8-bit palette PNGs with the PASCAL VOC colour map.
+"""Segmentation masks: the PASCAL palette PNG, and the codec seam a labelling job writes through.
 
 Class-index masks (0 = background, k+1 = class k, 255 = ignore) are stored as palette PNGs so the
 file holds the exact indices while any image viewer shows the familiar VOC colours. Ingest writes GT
 masks this way and the labelling job writes pseudo labels the same way.
 
-Public API::
-
-    pascal_palette() -> list[int]                 # 768 values, PIL putpalette order
-    encode_mask(mask: np.ndarray) -> bytes        # (H, W) uint8 -> palette PNG
-    decode_mask(data: bytes) -> np.ndarray        # palette / greyscale / VOC-coloured RGB PNG -> (H, W) uint8
+A labelling job's mask files go through one ``MaskCodec`` (``mask_codec(name)``): its file suffix,
+its encoder (which embeds the image's stats line, so a mask and its statistics can never disagree
+and a lost line is recovered from the file), its decoder and its line reader. Resume, the final
+pass and evaluation know masks only through it, so another mask format is one class here.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import struct
+import zlib
 from functools import lru_cache
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -73,3 +76,56 @@ def decode_mask(data: bytes) -> np.ndarray:
     if not found.all():
         raise ValueError("mask has colours outside the PASCAL colour map")
     return order[pos].astype(np.uint8)
+
+
+class MaskCodec:
+    """How a labelling job stores one mask and its stats line."""
+
+    name: ClassVar[str]
+    suffix: ClassVar[str]
+
+    def encode(self, mask: np.ndarray, line: dict | None = None) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, data: bytes) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_line(self, data: bytes) -> dict | None:
+        """The stats line ``encode`` embedded, or None when the file carries none."""
+        raise NotImplementedError
+
+
+class PalettePng(MaskCodec):
+    """The palette PNG of ``encode_mask``, with the stats line in a ``tEXt`` chunk right after IHDR."""
+
+    name = "png"
+    suffix = ".png"
+    TEXT_KEY = "clustercam"
+    _IHDR_END = 8 + 4 + 4 + 13 + 4  # signature + IHDR chunk (length, type, 13 data bytes, crc)
+
+    def encode(self, mask: np.ndarray, line: dict | None = None) -> bytes:
+        png = encode_mask(mask)
+        if line is None:
+            return png
+        text = json.dumps(line, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+        data = self.TEXT_KEY.encode("latin-1") + b"\0" + text
+        chunk = struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", zlib.crc32(b"tEXt" + data))
+        return png[: self._IHDR_END] + chunk + png[self._IHDR_END :]
+
+    def decode(self, data: bytes) -> np.ndarray:
+        return decode_mask(data)
+
+    def read_line(self, data: bytes) -> dict | None:
+        with Image.open(io.BytesIO(data)) as image:
+            text = image.text.get(self.TEXT_KEY)
+        return json.loads(text) if text else None
+
+
+MASK_CODECS: dict[str, MaskCodec] = {codec.name: codec for codec in (PalettePng(),)}
+
+
+def mask_codec(name: str) -> MaskCodec:
+    try:
+        return MASK_CODECS[name]
+    except KeyError:
+        raise ValueError(f"mask format {name!r} is not one of {', '.join(sorted(MASK_CODECS))}") from None

@@ -24,10 +24,10 @@ from system.label.config import LabelConfig
 from system.label.infer import Failure, Labeller, model_size, resolve_precision, size_batches, to_input
 from system.label.inputs import ClassMismatch, Sample, check_classes, plan_inputs, unit_samples
 from system.label.outputs import (
-    OutputWriter, confusion_from_sparse, finalize_outputs, list_mask_keys, mask_line, mask_png, mask_stats, sparse_confusion,
+    OutputWriter, confusion_from_sparse, finalize_outputs, list_mask_keys, mask_stats, sparse_confusion,
 )
 from system.label.previews import contact_sheet, overlay
-from system.masks import decode_mask, encode_mask
+from system.masks import decode_mask, encode_mask, mask_codec
 from system.metrics import ConfusionMatrix
 from system.model import build_clustercam, export_model
 from system.refine import denormalize, pseudo_labels
@@ -204,13 +204,19 @@ def test_precision_auto_is_fp32_where_bf16_is_not_native():
 # ---- outputs -----------------------------------------------------------------------------------
 
 
+PNG = mask_codec("png")
+
+
 def test_mask_png_carries_its_stats_line_and_stays_a_palette_png():
     mask = np.array([[0, 1, 255], [2, 2, 0]], dtype=np.uint8)
     line = {"key": "k", "classes": ["a"], "confusion": [[0, 0, 3]]}
-    png = mask_png(mask, line)
-    assert mask_line(png) == line and mask_line(mask_png(mask)) is None
+    png = PNG.encode(mask, line)
+    assert PNG.read_line(png) == line and PNG.read_line(PNG.encode(mask)) is None
     np.testing.assert_array_equal(decode_mask(png), mask)
     assert Image.open(io.BytesIO(png)).mode == "P"
+    np.testing.assert_array_equal(PNG.decode(png), mask)
+    with pytest.raises(ValueError, match="mask format 'tiff' is not one of png"):
+        mask_codec("tiff")
     stats = mask_stats(mask, ["a", "b"])
     assert stats["classes"] == ["a", "b"]
     assert stats["fractions"] == {"background": round(2 / 6, 6), "a": round(1 / 6, 6), "b": round(2 / 6, 6), "ignore": round(1 / 6, 6)}

@@ -29,8 +29,8 @@ from system.cam import predict_probs
 from system.label.config import LabelConfig
 from system.label.infer import to_input
 from system.label.inputs import ClassMismatch
-from system.label.outputs import list_mask_keys, mask_line
-from system.masks import decode_mask, encode_mask
+from system.label.outputs import list_mask_keys
+from system.masks import decode_mask, encode_mask, mask_codec
 from system.metrics import ConfusionMatrix
 from system.model import build_clustercam, export_model, load_clustercam
 from tests.test_label import K, NAMES, TINY, export_tiny, jpeg, synthetic_sample, write_dataset
@@ -165,7 +165,7 @@ def test_manifest_both_modes_with_gt(s3_root, ray_cluster):
         assert seg.shape == cam.shape == (64, 64)
         allowed = {0, *[NAMES.index(n) + 1 for n in row["labels"]]}
         assert set(np.unique(seg)) <= allowed and set(np.unique(cam)) <= allowed | {255}
-        line = mask_line(storage.get_bytes(storage.join(cfg.output, "masks", f"{row['id']}.png")))
+        line = mask_codec("png").read_line(storage.get_bytes(storage.join(cfg.output, "masks", f"{row['id']}.png")))
         assert line["mode"] == "seg" and "fractions" in line["cam"]
         direct["seg"].add(gts[row["id"]], seg)
         direct["cam"].add(gts[row["id"]], cam)

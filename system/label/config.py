@@ -11,8 +11,10 @@ from typing import Literal
 
 from system.cam import INFER_SCALES, TRAIN_CAM_SCALES
 from system.config import option
+from system.masks import MASK_CODECS, MaskCodec, mask_codec
 
 Mode = Literal["seg", "cam", "both"]
+MaskFormat = Literal[tuple(MASK_CODECS)]  # type: ignore[valid-type]
 Precision = Literal["auto", "bf16", "fp32"]
 
 
@@ -30,6 +32,7 @@ class LabelConfig:
     cam_p2p_refine: bool | None = option(None, doc="cam: refine along patch-to-patch attention (spec a.7); null: as the model was trained (its model.json), else true")
     bg_threshold: float = option(0.4, doc="cam: background threshold (spec b.7; COCO recipe 0.43)")
     ignore_delta: float = option(0.1, doc="cam: half width of the ignore band around bg_threshold")
+    mask_format: MaskFormat = option("png", doc="how masks are stored (system.masks codecs): png = 8-bit palette PNG with the stats line embedded")
     restrict_to_tags: bool = option(True, doc="seg: only background and the image's tagged classes may win a pixel")
     class_names: list[str] = option(factory=list, doc="class names in model order, needed for an authors' checkpoint without model.json")
     batch_size: int = option(8, doc="images per forward (images of the same size after capping)")
@@ -72,6 +75,10 @@ class LabelConfig:
     def modes(self) -> tuple[str, ...]:
         """Outputs in write order: the last one goes to masks/ and marks the image done."""
         return {"seg": ("seg",), "cam": ("cam",), "both": ("cam", "seg")}[self.mode]
+
+    @property
+    def codec(self) -> MaskCodec:
+        return mask_codec(self.mask_format)
 
     def mask_dir(self, mode: str) -> str:
         return "cam_masks" if self.mode == "both" and mode == "cam" else "masks"

@@ -1,76 +1,47 @@
 """The job's outputs: masks, stats and failure lines, the final consistency pass and the evaluation.
 
-Each mask PNG carries its own stats line in a ``tEXt`` chunk. Stats lines are buffered and written in
+Masks are written through the job's ``MaskCodec`` (``system.masks``), which embeds each image's
+stats line in the mask file itself. Stats lines are buffered and written in
 parts (one small object per image would cost a request each), so a killed job leaves masks whose
 lines were never flushed; the final pass finds them with the one listing it makes anyway and reads
-their line back from the PNG. A mask and its stats can therefore never disagree, and a re-run never
+their line back from the mask file. A mask and its stats can therefore never disagree, and a re-run never
 has to recompute a mask to get its statistics. When the input has GT masks the line also holds the
 image's confusion counts (sparse), so the job's mIoU is the sum over lines, exact after any number
 of restarts, with no second pass over images.
 
 Layout under ``output``::
 
-    masks/<key>.png                 (cam_masks/<key>.png too when mode=both)
+    masks/<key><suffix>             (cam_masks/<key><suffix> too when mode=both; .png by default)
     stats/part-<run>-<writer>-<n>.jsonl
     failures/part-<run>-<writer>-<n>.jsonl
     previews/<key>.png, previews/contact_sheet.png
     label_job.json                  (last)
 
-Public API::
-
-    mask_png(mask, line) -> bytes;  mask_line(png) -> dict | None
-    mask_stats(mask, class_names) -> {"classes", "fractions"}
-    sparse_confusion(gt, pred, n) -> [[gt, pred_or_n, count], ...];  confusion_from_sparse(images, n)
-    OutputWriter(cfg, class_names, run_id, writer_id, model_id, pool)
-    list_mask_keys(folder) -> set[str]
-    finalize_outputs(cfg, run_id, class_names, seen, failed) -> dict
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import struct
 import time
-import zlib
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from system import storage
 from system.label.config import LabelConfig
 from system.label.infer import Failure, Labelled
-from system.masks import encode_mask
+from system.masks import PalettePng
 from system.metrics import ConfusionMatrix
 from system.refine import IGNORE_INDEX
 
-TEXT_KEY = "clustercam"
 STATS_DIR = "stats"
 FAILURES_DIR = "failures"
 PREVIEWS_DIR = "previews"
 JOB_FILE = "label_job.json"
-_IHDR_END = 8 + 4 + 4 + 13 + 4  # signature + IHDR chunk (length, type, 13 data bytes, crc)
-
-
-def mask_png(mask: np.ndarray, line: dict | None = None) -> bytes:
-    """The palette PNG of ``system.masks`` with ``line`` (JSON) in a tEXt chunk right after IHDR."""
-    png = encode_mask(mask)
-    if line is None:
-        return png
-    data = TEXT_KEY.encode("latin-1") + b"\0" + json.dumps(line, separators=(",", ":"), ensure_ascii=True).encode("ascii")
-    chunk = struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", zlib.crc32(b"tEXt" + data))
-    return png[:_IHDR_END] + chunk + png[_IHDR_END:]
-
-
-def mask_line(png: bytes) -> dict | None:
-    with Image.open(io.BytesIO(png)) as image:
-        text = image.text.get(TEXT_KEY)
-    return json.loads(text) if text else None
 
 
 def mask_stats(mask: np.ndarray, class_names: list[str]) -> dict:
@@ -150,8 +121,8 @@ class OutputWriter:
     def _store(self, item: Labelled) -> dict:
         line = self.line(item)
         for mode in self.cfg.modes:  # the primary mask (masks/) goes last: it marks the image done
-            png = mask_png(item.masks[mode], line if mode == self.cfg.modes[-1] else None)
-            storage.put_bytes(storage.join(self.cfg.output, self.cfg.mask_dir(mode), f"{item.sample.key}.png"), png)
+            data = self.cfg.codec.encode(item.masks[mode], line if mode == self.cfg.modes[-1] else None)
+            storage.put_bytes(storage.join(self.cfg.output, self.cfg.mask_dir(mode), item.sample.key + self.cfg.codec.suffix), data)
         return line
 
     def begin_unit(self) -> None:
@@ -210,10 +181,11 @@ def _round(value: float) -> float | None:
     return None if value != value else round(value, 5)
 
 
-def list_mask_keys(folder: str) -> set[str]:
-    """Keys of the ``<key>.png`` files directly in ``folder`` (one paginated listing)."""
+def list_mask_keys(folder: str, suffix: str = PalettePng.suffix) -> set[str]:
+    """Keys of the ``<key><suffix>`` files directly in ``folder`` (one paginated listing)."""
     prefix = folder.rstrip("/") + "/"
-    return {uri[len(prefix) : -4] for uri in storage.list_uris(folder) if uri.endswith(".png") and "/" not in uri[len(prefix) :]}
+    return {uri[len(prefix) : -len(suffix)] for uri in storage.list_uris(folder)
+            if uri.endswith(suffix) and "/" not in uri[len(prefix) :]}
 
 
 def _read_lines(output: str, folder: str, pool: Executor) -> Iterator[dict]:
@@ -243,11 +215,12 @@ def finalize_outputs(cfg: LabelConfig, run_id: str, class_names: list[str], seen
             kept[key] = (line.get("run"), {m: (line if m == primary else line.get(m, {})).get("confusion") for m in cfg.modes})
 
     with ThreadPoolExecutor(16) as pool:
-        masks = list_mask_keys(storage.join(cfg.output, "masks"))
+        codec = cfg.codec
+        masks = list_mask_keys(storage.join(cfg.output, "masks"), codec.suffix)
         for line in _read_lines(cfg.output, STATS_DIR, pool):
             keep(line)
         lost = sorted(masks - set(kept))
-        recovered = [line for line in pool.map(lambda k: mask_line(storage.get_bytes(storage.join(cfg.output, "masks", f"{k}.png"))), lost) if line]
+        recovered = [line for line in pool.map(lambda k: codec.read_line(storage.get_bytes(storage.join(cfg.output, "masks", k + codec.suffix))), lost) if line]
     if recovered:
         storage.put_bytes(storage.join(cfg.output, STATS_DIR, _part_name(run_id, "recovered", 0)), _jsonl(recovered))
         for line in recovered:
