@@ -40,6 +40,7 @@ from system.label.inputs import ClassMismatch, plan_inputs
 from system.label.outputs import FAILURES_DIR, JOB_FILE, PREVIEWS_DIR, finalize_outputs, list_mask_keys
 from system.label.previews import contact_sheet, png_bytes
 from system.model import CheckpointError, load_clustercam
+from system.rejects import Reject
 from system.telemetry import Progress, label_metrics, start_metrics_server
 
 log = logging.getLogger("pipelines.label")
@@ -80,7 +81,7 @@ def run(cfg: LabelConfig) -> dict:
              run_id, plan.total, len(plan.units), plan.kind, len(done), cfg.mode, cfg.output)
     storage.put_bytes(storage.join(cfg.output, "label.yaml"), dump_yaml(cfg).encode())
     if plan.rejects:
-        lines = "".join(json.dumps({**r, "run": run_id}) + "\n" for r in plan.rejects)
+        lines = "".join(json.dumps(r.line(run=run_id)) + "\n" for r in plan.rejects)
         storage.put_bytes(storage.join(cfg.output, FAILURES_DIR, f"part-{run_id}-driver-00000.jsonl"), lines.encode())
     if cfg.metrics_port:
         start_metrics_server(cfg.metrics_port, cfg.metrics_addr)
@@ -98,7 +99,7 @@ def run(cfg: LabelConfig) -> dict:
     metrics = label_metrics()
     progress = Progress(plan.total, "label")
     seen: set[str] = set()
-    failures: list[dict] = list(plan.rejects)
+    failures: list[dict] = [r.line(run=run_id) for r in plan.rejects]
     previews: list[tuple[str, bytes]] = []
     written = skipped = finished = 0
     t_pool = time.monotonic()
@@ -124,8 +125,8 @@ def run(cfg: LabelConfig) -> dict:
     lost = fan_out(plan.units, slots, submit, done_unit, attempts=cfg.unit_attempts, on_wait=waiting,
                    name=lambda unit: f"unit {unit.index} ({unit.uri})")
     for item in lost:
-        failures.append({"key": "", "id": "", "source": item.unit.uri, "run": run_id,
-                         "reason": f"unit {item.unit.index} lost after {item.attempts} attempts: {item.error}"})
+        reason = f"unit {item.unit.index} lost after {item.attempts} attempts: {item.error}"
+        failures.append(Reject("", item.unit.uri, "unit_lost", reason).line(run=run_id))
     pool_seconds = time.monotonic() - t_pool
     metrics.queue_depth.set(0)
     for a in actors:

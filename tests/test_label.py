@@ -21,13 +21,14 @@ from system.data.shards import escape_id, shard_name, write_tar
 from system.data.sources.synthetic import class_names as synthetic_names
 from system.data.sources.synthetic import render
 from system.label.config import LabelConfig
-from system.label.infer import Failure, Labeller, model_size, resolve_precision, size_batches, to_input
+from system.label.infer import Labeller, model_size, resolve_precision, size_batches, to_input
 from system.label.inputs import ClassMismatch, Sample, check_classes, plan_inputs, unit_samples
 from system.label.outputs import (
     OutputWriter, confusion_from_sparse, finalize_outputs, list_mask_keys, mask_stats, sparse_confusion,
 )
 from system.label.previews import contact_sheet, overlay
 from system.masks import decode_mask, encode_mask, mask_codec
+from system.rejects import Reject
 from system.metrics import ConfusionMatrix
 from system.model import build_clustercam, export_model
 from system.refine import denormalize, pseudo_labels
@@ -170,13 +171,15 @@ def test_unreadable_images_fail_alone_with_a_reason():
     model = tiny_model()
     good = [sample(i) for i in range(3)]
     bad = Sample("bad", "bad", (0,), b"\xff\xd8 not a jpeg", None, "shard-x")
-    flagged = Sample("meta", "meta", (), None, None, "shard-x", "bad sample metadata (KeyError)")
+    flagged = Sample("meta", "meta", (), None, None, "shard-x",
+                     Reject("meta", "shard-x", "malformed", "bad sample metadata (KeyError)", "meta"))
     wrong_gt = Sample("gt", "gt", (0,), good[0].image, encode_mask(np.zeros((5, 5), np.uint8)), "shard-x")
     out = run_all(labeller(model, scales=[1.0]), [good[0], bad, good[1], flagged, wrong_gt, good[2]])
-    failures = {o.key: o.reason for o in out if isinstance(o, Failure)}
+    failures = {o.key: o.reason for o in out if isinstance(o, Reject)}
     assert set(failures) == {"bad", "meta", "gt"}
+    assert {o.key: o.code for o in out if isinstance(o, Reject)} == {"bad": "corrupt", "meta": "malformed", "gt": "mask_size"}
     assert failures["bad"].startswith("unreadable image") and "metadata" in failures["meta"] and "GT mask is 5x5" in failures["gt"]
-    assert sorted(o.sample.key for o in out if not isinstance(o, Failure)) == sorted(s.key for s in good)
+    assert sorted(o.sample.key for o in out if not isinstance(o, Reject)) == sorted(s.key for s in good)
 
 
 def test_size_batches_groups_equal_sizes_and_bounds_memory():

@@ -31,11 +31,12 @@ from ray.experimental import tqdm_ray
 
 from system import storage
 from system.label.config import LabelConfig
-from system.label.infer import Failure, Labeller
+from system.label.infer import Labeller
 from system.label.inputs import Unit, unit_samples
 from system.label.outputs import OutputWriter
 from system.label.previews import overlay, png_bytes
 from system.model import load_clustercam
+from system.rejects import Reject
 from system.telemetry import label_metrics, start_metrics_server
 
 log = logging.getLogger("workers.label")
@@ -131,14 +132,14 @@ class LabelActor:
                 seen.append(sample.key)
                 yield sample
 
-        def fail(item: Failure) -> None:
+        def fail(item: Reject) -> None:
             failures.append(item.line())
-            self.metrics.failures.labels(self.name, item.reason.split(" (")[0][:40]).inc()
+            self.metrics.failures.labels(self.name, item.code).inc()
 
         try:
             for item in self.labeller.label(samples(), self.pool, self._on_batch):
                 self.writer.submit(item)
-                if isinstance(item, Failure):
+                if isinstance(item, Reject):
                     fail(item)
                     continue
                 self.metrics.images.labels(self.name).inc()
@@ -152,7 +153,7 @@ class LabelActor:
         except (OSError, ValueError) as exc:
             if storage.is_transient(exc):
                 raise
-            fail(Failure("", "", unit.uri, f"unit {unit.index} could not be read ({type(exc).__name__}: {exc})"))
+            fail(Reject("", unit.uri, "unit_unreadable", f"unit {unit.index} could not be read ({type(exc).__name__}: {exc})"))
         for lost in self.writer.close():
             fail(lost)
         return UnitResult(unit.index, seen, self.writer.written - written_before, skipped, failures, shown, 0.0)

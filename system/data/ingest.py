@@ -34,8 +34,9 @@ from system import storage
 from system.data.shards import (
     DATASET_FILE, FORMAT_NAME, FORMAT_VERSION, REJECTS_FILE, UnsafeId, check_id, escape_id, shard_name, write_tar,
 )
-from system.data.sources import BadEntry, Entry, Rejected, Source
+from system.data.sources import BadEntry, Entry, Source
 from system.data.validate import Verify, sample_members
+from system.rejects import Reject
 
 PARTS_DIR = "_parts"
 
@@ -47,10 +48,6 @@ class IngestPlan:
     inputs: int = 0
 
 
-def _reject(sample_id: str, where: str, code: str, reason: str) -> dict:
-    return {"id": sample_id, "where": where, "code": code, "reason": reason}
-
-
 def plan(source: Source, shard_size: int) -> IngestPlan:
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
@@ -59,17 +56,17 @@ def plan(source: Source, shard_size: int) -> IngestPlan:
     keys: dict[str, str] = {}
     for item in source.entries():
         out.inputs += 1
-        if isinstance(item, Rejected):
-            out.rejects.append(_reject(item.id, item.where, item.code, item.reason))
+        if isinstance(item, Reject):
+            out.rejects.append(item.line())
             continue
         try:
             check_id(item.id)
         except UnsafeId as exc:
-            out.rejects.append(_reject(item.id, item.image, "unsafe_id", str(exc)))
+            out.rejects.append(Reject(item.id, item.image, "unsafe_id", str(exc)).line())
             continue
         key = escape_id(item.id)
         if key in keys:
-            out.rejects.append(_reject(item.id, item.image, "duplicate_id", f"duplicate id (first seen at {keys[key]})"))
+            out.rejects.append(Reject(item.id, item.image, "duplicate_id", f"duplicate id (first seen at {keys[key]})", key).line())
             continue
         keys[key] = item.image
         accepted.append(item)
@@ -133,7 +130,7 @@ def write_shard(source: Source, task: ShardTask) -> dict:
             try:
                 members, has_mask = _load_sample(source, entry, class_index, task)
             except BadEntry as exc:
-                rejects.append(_reject(entry.id, entry.image, exc.code, str(exc)))
+                rejects.append(Reject(entry.id, entry.image, exc.code, str(exc), escape_id(entry.id)).line())
                 continue
             counts["samples"] += 1
             counts["masks"] += int(has_mask)

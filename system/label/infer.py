@@ -10,8 +10,8 @@ the optional tag restriction (zeroing classes the image is not tagged with) and 
 
 Public API::
 
-    Labeller(model, cfg, class_names).label(samples, pool) -> iterator of Labelled | Failure
-    Labeller.decode(sample) -> Decoded | Failure;  Labeller.run(batch) -> list[Labelled | Failure]
+    Labeller(model, cfg, class_names).label(samples, pool) -> iterator of Labelled | Reject
+    Labeller.decode(sample) -> Decoded | Reject;  Labeller.run(batch) -> list[Labelled | Reject]
     size_batches(items, size_of, batch_size, max_held) -> iterator of lists
     model_size(height, width, max_side, min_side) -> (h, w)
     resolve_precision(precision, device) -> torch.dtype | None
@@ -38,22 +38,12 @@ from system.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_rgb
 from system.label.config import LabelConfig
 from system.label.inputs import Sample
 from system.masks import decode_mask
+from system.rejects import Reject
 from system.refine import IGNORE_INDEX, denormalize, pseudo_labels
 
 T = TypeVar("T")
 _MEAN_255 = tuple(255 * m for m in IMAGENET_MEAN)
 _STD_255 = tuple(255 * s for s in IMAGENET_STD)
-
-
-@dataclasses.dataclass
-class Failure:
-    key: str
-    id: str
-    source: str
-    reason: str
-
-    def line(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass
@@ -170,13 +160,13 @@ class Labeller:
     def precision(self) -> str:
         return "bf16" if self.dtype is not None else "fp32"
 
-    def decode(self, sample: Sample) -> Decoded | Failure:
+    def decode(self, sample: Sample) -> Decoded | Reject:
         if sample.error:
-            return Failure(sample.key, sample.id, sample.source, sample.error)
+            return sample.error
         try:
             image = decode_rgb(sample.image)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            return Failure(sample.key, sample.id, sample.source, f"unreadable image ({type(exc).__name__}: {exc})")
+            return sample.reject("corrupt", f"unreadable image ({type(exc).__name__}: {exc})")
         pixels = np.asarray(image, dtype=np.uint8)
         H, W = pixels.shape[:2]
         h, w = model_size(H, W, self.cfg.max_side, self.min_side)
@@ -186,9 +176,9 @@ class Labeller:
             try:
                 gt = decode_mask(sample.gt)
             except (OSError, ValueError) as exc:
-                return Failure(sample.key, sample.id, sample.source, f"unreadable GT mask ({exc})")
+                return sample.reject("mask_corrupt", f"unreadable GT mask ({exc})")
             if gt.shape != (H, W):
-                return Failure(sample.key, sample.id, sample.source, f"GT mask is {gt.shape[1]}x{gt.shape[0]}, image {W}x{H}")
+                return sample.reject("mask_size", f"GT mask is {gt.shape[1]}x{gt.shape[0]}, image {W}x{H}")
         return Decoded(sample, pixels, resized, gt)
 
     def _tags(self, batch: list[Decoded]) -> torch.Tensor:
@@ -226,17 +216,16 @@ class Labeller:
         return labels, conf
 
     @torch.inference_mode()
-    def run(self, batch: list[Decoded]) -> list[Labelled | Failure]:
+    def run(self, batch: list[Decoded]) -> list[Labelled | Reject]:
         """Label one same-size batch; a failing batch is retried image by image so one bad image fails alone."""
         try:
             return self._run(batch)
         except (RuntimeError, ValueError) as exc:
             if len(batch) > 1:
                 return [out for item in batch for out in self.run([item])]
-            s = batch[0].sample
-            return [Failure(s.key, s.id, s.source, f"model failed ({type(exc).__name__}: {str(exc)[:300]})")]
+            return [batch[0].sample.reject("model_failed", f"model failed ({type(exc).__name__}: {str(exc)[:300]})")]
 
-    def _run(self, batch: list[Decoded]) -> list[Labelled | Failure]:
+    def _run(self, batch: list[Decoded]) -> list[Labelled | Reject]:
         x = to_input(torch.from_numpy(np.stack([item.resized for item in batch])).to(self.device))
         tags = self._tags(batch)
         h, w = x.shape[-2:]
@@ -246,7 +235,7 @@ class Labeller:
                 outputs[mode] = self.seg(x, tags, [item.resized for item in batch] if self.cfg.crf else [])
             else:
                 outputs[mode] = self.cam(x, tags)
-        results: list[Labelled | Failure] = []
+        results: list[Labelled | Reject] = []
         for i, item in enumerate(batch):
             H, W = item.pixels.shape[:2]
             masks, confidence = {}, {}
@@ -260,11 +249,11 @@ class Labeller:
             results.append(Labelled(item.sample, item.pixels, item.gt, masks, confidence, (int(h), int(w))))
         return results
 
-    def label(self, samples: Iterable[Sample], pool: Executor, on_batch: Callable[[int, float], None] | None = None) -> Iterator[Labelled | Failure]:
+    def label(self, samples: Iterable[Sample], pool: Executor, on_batch: Callable[[int, float], None] | None = None) -> Iterator[Labelled | Reject]:
         """The whole per-unit pipeline: decode in ``pool`` ahead of the model, batch by size, run."""
         window = 4 * self.cfg.batch_size
 
-        def decoded() -> Iterator[Decoded | Failure]:
+        def decoded() -> Iterator[Decoded | Reject]:
             pending: deque = deque()
             for sample in samples:
                 pending.append(pool.submit(self.decode, sample))
@@ -275,12 +264,12 @@ class Labeller:
 
         def good() -> Iterator[Decoded]:
             for item in decoded():
-                if isinstance(item, Failure):
+                if isinstance(item, Reject):
                     failures.append(item)
                 else:
                     yield item
 
-        failures: list[Failure] = []
+        failures: list[Reject] = []
         for batch in size_batches(good(), lambda d: d.size, self.cfg.batch_size, window):
             yield from failures
             failures.clear()

@@ -22,9 +22,10 @@ from typing import Iterator
 
 from system import storage
 from system.data.shards import DATASET_FILE, UnsafeId, check_id, escape_id, read_dataset, shard_uris
-from system.data.sources import Entry, Rejected, SourceConfig
+from system.data.sources import Entry, SourceConfig
 from system.data.sources.manifest import ManifestSource
 from system.data.stream import shard_samples
+from system.rejects import Reject
 
 IMAGE_EXTS = ("jpg", "png", "webp")
 
@@ -52,7 +53,10 @@ class Sample:
     image: bytes | None
     gt: bytes | None
     source: str
-    error: str | None = None
+    error: Reject | None = None
+
+    def reject(self, code: str, reason: str) -> Reject:
+        return Reject(self.id, self.source, code, reason, self.key)
 
 
 @dataclasses.dataclass
@@ -62,7 +66,7 @@ class InputPlan:
     kind: str  # "dataset" | "manifest"
     info: dict
     total: int
-    rejects: list[dict]
+    rejects: list[Reject]
 
 
 def _is_dataset(data: str) -> bool:
@@ -101,17 +105,17 @@ def plan_inputs(data: str, model_classes: int | None, model_names: list[str] | N
     source = ManifestSource(SourceConfig(format="manifest", path=data, classes=list(model_names or [])))
     entries, rejects, keys = [], [], {}
     for item in source.entries():
-        if isinstance(item, Rejected):
-            rejects.append({"key": None, "id": item.id, "source": item.where, "reason": item.reason})
+        if isinstance(item, Reject):
+            rejects.append(item)
             continue
         try:
             check_id(item.id)
         except UnsafeId as exc:
-            rejects.append({"key": None, "id": item.id, "source": item.image, "reason": str(exc)})
+            rejects.append(Reject(item.id, item.image, "unsafe_id", str(exc)))
             continue
         key = escape_id(item.id)
         if key in keys:
-            rejects.append({"key": key, "id": item.id, "source": item.image, "reason": f"duplicate id (first at {keys[key]})"})
+            rejects.append(Reject(item.id, item.image, "duplicate_id", f"duplicate id (first at {keys[key]})", key))
             continue
         keys[key] = item.image
         entries.append(item)
@@ -129,11 +133,15 @@ def _shard_sample(raw: dict, uri: str, class_index: dict[str, int]) -> Sample:
         meta = json.loads(raw["json"])
         sample_id, labels = str(meta["id"]), tuple(int(k) for k in meta["labels"])
     except (KeyError, TypeError, ValueError) as exc:
-        return Sample(key, key, (), None, None, uri, f"bad sample metadata ({type(exc).__name__}: {exc})")
+        return Sample(key, key, (), None, None, uri, Reject(key, uri, "malformed", f"bad sample metadata ({type(exc).__name__}: {exc})", key))
     bad = [k for k in labels if not 0 <= k < len(class_index)]
     image = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
-    error = f"labels {bad} outside 0..{len(class_index) - 1}" if bad else (None if image else "no jpg/png/webp member")
-    return Sample(key, sample_id, labels, image, raw.get("mask.png"), uri, error)
+    sample = Sample(key, sample_id, labels, image, raw.get("mask.png"), uri)
+    if bad:
+        sample.error = sample.reject("malformed", f"labels {bad} outside 0..{len(class_index) - 1}")
+    elif image is None:
+        sample.error = sample.reject("no_image", "no jpg/png/webp member")
+    return sample
 
 
 def _manifest_sample(entry: Entry, class_index: dict[str, int]) -> Sample:
@@ -144,7 +152,9 @@ def _manifest_sample(entry: Entry, class_index: dict[str, int]) -> Sample:
     except (FileNotFoundError, OSError, storage.StorageError) as exc:
         if storage.is_transient(exc):
             raise  # not a property of the image: the unit is retried
-        return Sample(key, entry.id, labels, None, None, entry.image, f"cannot read image ({type(exc).__name__}: {exc})")
+        code = "not_found" if isinstance(exc, FileNotFoundError) else "unreadable"
+        return Sample(key, entry.id, labels, None, None, entry.image,
+                      Reject(entry.id, entry.image, code, f"cannot read image ({type(exc).__name__}: {exc})", key))
     gt = None
     mask_uri = (entry.extra or {}).get("mask")
     if mask_uri:
@@ -153,7 +163,8 @@ def _manifest_sample(entry: Entry, class_index: dict[str, int]) -> Sample:
         except (FileNotFoundError, OSError, storage.StorageError) as exc:
             if storage.is_transient(exc):
                 raise
-            return Sample(key, entry.id, labels, None, None, mask_uri, f"cannot read GT mask ({type(exc).__name__}: {exc})")
+            return Sample(key, entry.id, labels, None, None, mask_uri,
+                          Reject(entry.id, mask_uri, "mask_unreadable", f"cannot read GT mask ({type(exc).__name__}: {exc})", key))
     return Sample(key, entry.id, labels, image, gt, entry.image)
 
 

@@ -33,9 +33,10 @@ import torch
 
 from system import storage
 from system.label.config import LabelConfig
-from system.label.infer import Failure, Labelled
+from system.label.infer import Labelled
 from system.masks import PalettePng
 from system.metrics import ConfusionMatrix
+from system.rejects import Reject
 from system.refine import IGNORE_INDEX
 
 STATS_DIR = "stats"
@@ -128,13 +129,13 @@ class OutputWriter:
     def begin_unit(self) -> None:
         self.stored = set()
 
-    def submit(self, item: Labelled | Failure) -> None:
-        if isinstance(item, Failure):
-            self.failures.append({**item.line(), "run": self.run_id})
+    def submit(self, item: Labelled | Reject) -> None:
+        if isinstance(item, Reject):
+            self.failures.append(item.line(run=self.run_id))
             return
         self.pending.append((item, self.pool.submit(self._store, item)))
 
-    def collect(self, wait: bool = False) -> list[Failure]:
+    def collect(self, wait: bool = False) -> list[Reject]:
         """Move stored masks' lines into the buffer; returns images whose write failed for good, and
         raises the first transient write error once every finished write is accounted for."""
         failed, transient = [], None
@@ -148,9 +149,8 @@ class OutputWriter:
                 if storage.is_transient(exc):
                     transient = transient or exc
                     continue
-                s = item.sample
-                failure = Failure(s.key, s.id, s.source, f"writing the mask failed ({exc})")
-                self.failures.append({**failure.line(), "run": self.run_id})
+                failure = item.sample.reject("write_failed", f"writing the mask failed ({exc})")
+                self.failures.append(failure.line(run=self.run_id))
                 failed.append(failure)
         if transient is not None:
             raise transient
@@ -171,7 +171,7 @@ class OutputWriter:
             self.seq += 1
         self.lines, self.failures = [], []
 
-    def close(self) -> list[Failure]:
+    def close(self) -> list[Reject]:
         failed = self.collect(wait=True)
         self.flush()
         return failed

@@ -10,7 +10,6 @@ Public API::
 
     SourceConfig                                   # the ``source.*`` config keys
     Entry(id, image, labels=None, extra=None)      # labels None: derived from the mask at load
-    Rejected(id, where, code, reason)              # an input refused while listing
     BadEntry(code, reason)                         # raised by load() for an unusable input
     Loaded(image, mask, labels)                    # what load() returns
     build_source(cfg) -> Source                    # .class_names, .entries(), .load(entry)
@@ -53,14 +52,6 @@ class Entry:
     image: str
     labels: tuple[str, ...] | None = None
     extra: Any = None
-
-
-@dataclass(frozen=True)
-class Rejected:
-    id: str
-    where: str
-    code: str
-    reason: str
 
 
 @dataclass

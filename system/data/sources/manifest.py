@@ -15,7 +15,8 @@ import json
 from pathlib import PurePosixPath
 
 from system import storage
-from system.data.sources import BadEntry, Entry, Loaded, Rejected, SourceConfig
+from system.rejects import Reject
+from system.data.sources import BadEntry, Entry, Loaded, SourceConfig
 from system.masks import decode_mask
 
 
@@ -59,17 +60,17 @@ class ManifestSource:
         for line, row in self._rows():
             where = f"{self.path}:{line}"
             if isinstance(row, str):
-                yield Rejected("", where, "malformed", row)
+                yield Reject("", where, "malformed", row)
                 continue
             if not isinstance(row, dict):
-                yield Rejected("", where, "malformed", "a manifest line must be an object")
+                yield Reject("", where, "malformed", "a manifest line must be an object")
                 continue
             sample_id, image, labels = row.get("id"), row.get("image"), row.get("labels")
             if not isinstance(sample_id, str) or not isinstance(image, str) or not image:
-                yield Rejected(str(sample_id or ""), where, "malformed", "needs string fields id and image")
+                yield Reject(str(sample_id or ""), where, "malformed", "needs string fields id and image")
                 continue
             if not isinstance(labels, list) or not all(isinstance(n, str) for n in labels):
-                yield Rejected(sample_id, where, "malformed", "labels must be a list of class names")
+                yield Reject(sample_id, where, "malformed", "labels must be a list of class names")
                 continue
             mask = row.get("mask")
             yield Entry(sample_id, self._resolve(image), tuple(dict.fromkeys(labels)),

@@ -13,7 +13,8 @@ import io
 from fnmatch import fnmatch
 
 from system import storage
-from system.data.sources import Entry, Loaded, Rejected, SourceConfig
+from system.rejects import Reject
+from system.data.sources import Entry, Loaded, SourceConfig
 
 
 def _find(root: str, pattern: str, what: str) -> str:
@@ -66,7 +67,7 @@ class OpenImagesSource:
             except ValueError:
                 confidence = None
             if confidence is None:
-                yield Rejected(row[col_id] if len(row) > col_id else "", f"{self.labels_file}:{line}", "malformed", "malformed labels row")
+                yield Reject(row[col_id] if len(row) > col_id else "", f"{self.labels_file}:{line}", "malformed", "malformed labels row")
                 continue
             tags = labels.setdefault(row[col_id], {})
             if confidence == 1.0 and row[col_label] in self._mid_to_name:
