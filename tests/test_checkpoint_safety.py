@@ -41,14 +41,14 @@ def distributed():
         dist.destroy_process_group()
 
 
-def new_engine(stage: int, precision: str, seed: int, **extra):
+def new_engine(stage: int, precision: str, seed: int, offload: tuple[str, ...] = (), **extra):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **{f"offload_{part}": {"device": "cpu"} for part in offload}},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 8},
         "zero_allow_untested_optimizer": True,
@@ -60,9 +60,9 @@ def new_engine(stage: int, precision: str, seed: int, **extra):
     return engine
 
 
-def saved_engine(directory: Path, stage: int, precision: str):
+def saved_engine(directory: Path, stage: int, precision: str, offload: tuple[str, ...] = ()):
     """An engine after two optimizer steps, checkpointed under ``directory/TAG``."""
-    engine = new_engine(stage, precision, seed=0)
+    engine = new_engine(stage, precision, seed=0, offload=offload)
     generator = torch.Generator().manual_seed(1)
     for _ in range(2):
         x = torch.randn(2, 8, generator=generator).to(DTYPES[precision])
@@ -91,15 +91,19 @@ def assert_same(a, b, where: str = "") -> None:
         assert a == b, where
 
 
-ALL = [(stage, precision) for stage in range(4) for precision in DTYPES]
+# every stage and precision, and the CPU offloads the configs allow (deepspeed.offload_optimizer/params)
+ALL = [(stage, precision, ()) for stage in range(4) for precision in DTYPES] + [
+    (2, "fp32", ("optimizer",)),
+    (3, "bf16", ("optimizer", "param")),
+]
 
 
-@pytest.mark.parametrize("stage, precision", ALL)
+@pytest.mark.parametrize("stage, precision, offload", ALL)
 def test_checkpoint_round_trips_through_the_safe_loader_and_every_read_is_weights_only(
-    distributed, tmp_path, monkeypatch, stage, precision
+    distributed, tmp_path, monkeypatch, stage, precision, offload
 ):
-    saved = saved_engine(tmp_path, stage, precision)
-    fresh = new_engine(stage, precision, seed=1)
+    saved = saved_engine(tmp_path, stage, precision, offload)
+    fresh = new_engine(stage, precision, seed=1, offload=offload)
     with pytest.raises(AssertionError):
         assert_same(full_state_dict(fresh), full_state_dict(saved))
     reads = []
