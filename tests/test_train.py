@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -196,7 +197,9 @@ def test_a_planted_pickle_in_the_checkpoint_fails_the_resumed_run_without_runnin
         genuine = tmp_path / "genuine.pt"
         genuine.write_bytes(storage.get_bytes(uri))
         storage.put_bytes(uri, planted_bytes(genuine, marker))
-    with pytest.raises(ray.train.TrainingFailedError, match=r"/checkpoint/mp_rank_00_model_states\.pt: refused"):
+    stored = re.escape(first.run_uri().removeprefix("s3://")) + "/checkpoint_[^:]+"
+    local_file = r"/checkpoint/mp_rank_00_model_states\.pt"
+    with pytest.raises(ray.train.TrainingFailedError, match=f"{stored}: .*{local_file}: refused"):
         run(tiny_config(dataset, s3_root, run_name="planted", max_steps=STEPS))
     assert not marker.exists()
     assert [r["step"] for r in history(first)] == [1]  # a fresh start would have rewritten steps 1..STEPS
