@@ -7,12 +7,14 @@ import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import threading
 import time
 
 import psutil
 import pytest
+import ray.train
 import torch
 
 from pipelines.train import PreflightError, preflight, run
@@ -26,6 +28,7 @@ from system.optim import adamw, learning_rate, set_step_hyperparams
 from system.training import TrainConfig, compute_loss, in_seg_phase, stream_config
 from tests.datasets import build_synthetic
 from tests.golden import assert_rel
+from tests.planted import planted_bytes
 
 NUM_CLASSES = 3
 STEPS = 4  # two classification steps, then two segmentation-phase steps
@@ -179,6 +182,27 @@ def test_killed_worker_resumes_from_checkpoint_and_ends_at_the_same_loss(ray_clu
     exported = load_clustercam(cfg.run_uri() + "/model").state_dict()
     for name, value in ref_model.state_dict().items():
         torch.testing.assert_close(exported[name], value, rtol=1e-5, atol=1e-5)
+
+
+def test_a_planted_pickle_in_the_checkpoint_fails_the_resumed_run_without_running_or_starting_over(
+    ray_cluster, dataset, s3_root, tmp_path
+):
+    first = tiny_config(dataset, s3_root, run_name="planted", max_steps=1)
+    assert run(first).error is None
+    marker = tmp_path / "payload-ran"
+    model_states = [u for u in storage.list_uris(first.run_uri())
+                    if "/checkpoint_" in u and u.endswith("/mp_rank_00_model_states.pt")]
+    assert model_states, "the first run saved no checkpoint"
+    for uri in model_states:
+        genuine = tmp_path / "genuine.pt"
+        genuine.write_bytes(storage.get_bytes(uri))
+        storage.put_bytes(uri, planted_bytes(genuine, marker))
+    stored = re.escape(first.run_uri().removeprefix("s3://")) + "/checkpoint_[^:]+"
+    local_file = r"/checkpoint/mp_rank_00_model_states\.pt"
+    with pytest.raises(ray.train.TrainingFailedError, match=f"{stored}: .*{local_file}: refused"):
+        run(tiny_config(dataset, s3_root, run_name="planted", max_steps=STEPS))
+    assert not marker.exists()
+    assert [r["step"] for r in history(first)] == [1]  # a fresh start would have rewritten steps 1..STEPS
 
 
 def test_preflight_names_what_is_wrong(dataset, s3_root, s3_bucket, tmp_path):

@@ -46,6 +46,7 @@ from system.training import (
     stream_config,
     steps_per_epoch,
 )
+from workers.checkpoint import CheckpointError, load_checkpoint
 
 log = logging.getLogger("clustercam.train")
 CHECKPOINT_TAG = "checkpoint"
@@ -182,13 +183,19 @@ def save_checkpoint(engine, position: Position, metrics: dict, rank: int, async_
 
 
 def restore_checkpoint(engine) -> Position:
+    """The position of Ray's latest checkpoint, its model and optimizer states loaded as data.
+
+    A file that is not plain data (``CheckpointError``) fails the run: starting over from
+    step 0 would hide the tampering and discard the run's progress.
+    """
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return Position()
     with checkpoint.as_directory() as directory:
-        path, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
-    if path is None:
-        raise RuntimeError(f"checkpoint {checkpoint.path} holds no DeepSpeed state under tag {CHECKPOINT_TAG!r}")
+        try:
+            client_state = load_checkpoint(engine, directory, CHECKPOINT_TAG)
+        except CheckpointError as err:  # ``directory`` is a local copy: name the stored checkpoint too
+            raise CheckpointError(f"checkpoint {checkpoint.path}: {err}") from err
     position = Position(**client_state["position"])
     log.info("resumed from %s at epoch %d, step %d", checkpoint.path, position.epoch, position.global_step)
     return position
