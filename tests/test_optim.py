@@ -10,12 +10,12 @@ from system.model import build_clustercam
 import torch
 
 from system.optim import OptimConfig, learning_rate, param_groups, set_step_hyperparams
-from tests.golden import GOLDEN_A
+from tests.golden import LR_SCHEDULE
 
 
 @pytest.mark.parametrize("recipe, epochs", [("voc_run_e2e", 80), ("coco_run_e2e_coco", 60)])
 def test_authors_schedule_reproduces_the_reference(recipe, epochs):
-    ref = json.loads((GOLDEN_A.parent / "lr_schedule.json").read_text())[recipe]
+    ref = json.loads(LR_SCHEDULE.read_text())[recipe]
     cfg = OptimConfig(lr_schedule="authors")
     steps_per_epoch = 7
     got = [learning_rate(cfg, ref["batch_size"], epochs, steps_per_epoch, e * steps_per_epoch + 3) for e in range(epochs)]
