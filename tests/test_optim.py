@@ -36,7 +36,7 @@ def test_decay_groups_match_the_reference_counts():
     groups = param_groups(build_clustercam(num_classes=20), 0.05)
     decayed = sum(len(g["params"]) for g in groups if g["weight_decay"] > 0)
     plain = sum(len(g["params"]) for g in groups if g["weight_decay"] == 0)
-    assert (decayed, plain) == (91, 220)  # spec b.9
+    assert (decayed, plain) == (91, 220)  # docs/method.md §b.9
 
 
 def test_decoder_weight_decay_waits_for_the_segmentation_phase():

@@ -81,7 +81,9 @@ class StreamConfig:
 
     batch_size: int = option(8, doc="images per batch per rank")
     image_size: int = option(448, doc="side S of the (S, S) crops")
-    augment: Augment = option("paper", doc="paper (spec b.1) | light (crop + flip) | none (resize, deterministic)")
+    augment: Augment = option(
+        "paper", doc="paper (docs/method.md §b.1) | light (crop + flip) | none (resize, deterministic)"
+    )
     num_workers: int = option(2, doc="DataLoader worker processes per rank (decode + augment)")
     shuffle_buffer: int = option(1000, doc="raw samples held for shuffling, per worker")
     seed: int = option(0, doc="base seed of shard order, shuffling and augmentation")

@@ -1,6 +1,6 @@
 """Image decoding and the train/eval transforms of the data stream.
 
-``paper`` is the authors' training augmentation (SPEC-clustercam.md b.1) built with timm's
+``paper`` is the authors' training augmentation (docs/method.md §b.1) built with timm's
 ``create_transform``: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bicubic) -> horizontal flip ->
 RandAugment ``rand-m9-mstd0.5-inc1`` -> ImageNet normalisation -> RandomErasing (p 0.25, pixel mode).
 ``light`` keeps the crop and flip but drops RandAugment and erasing, and lets libjpeg decode at a
