@@ -143,7 +143,7 @@ def aws_settings() -> dict[str, str]:
 def _client(fast_fail: bool = False):
     """A boto3 client per process and AWS setting. Clients are per pid (their connection pools must
     not cross a fork); sessions are shared, so a forked DataLoader or Ray worker reuses the parsed
-    service models instead of spending ~0.1 CPU-second loading them again."""
+    service models instead of loading them again."""
     env = tuple(sorted((k, os.environ[k]) for k in _AWS_SETTINGS + _AWS_IDENTITY if k in os.environ))
     key = (os.getpid(), fast_fail, env)
     with _clients_lock:

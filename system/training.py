@@ -100,7 +100,7 @@ class TrainConfig:
         0,
         "DeepSpeed ZeRO stage 0-3. 0 = data parallel, the fastest while model + optimizer state fit (DeiT-S: "
         "350 MB); 1/2/3 also partition optimizer state / gradients / weights across workers, for backbones whose "
-        "state does not fit, at the cost of per-tensor bucket copies each step (+30-50% per step for DeiT-S on CPU)",
+        "state does not fit, at the cost of per-tensor bucket copies each step",
     )
     max_steps: int = option(0, "stop after N optimizer steps (still checkpoint and export); 0 = run the schedule")
     max_failures: int = option(3, "worker-group restarts Ray Train allows before the run fails")

@@ -153,7 +153,7 @@ class _BatchSlots:
 
     Without them the DataLoader moves every batch into a fresh shared-memory segment: the worker
     creates it, faults in its pages and copies the batch there, sends a file descriptor, and the
-    consumer maps the segment again - about 0.4 ms of CPU per 224 px image, a fifth of its decode.
+    consumer maps the segment again, CPU work per image that is a noticeable part of its decode.
     A semaphore per worker counts its free slots: a worker ``slots`` batches ahead of the consumer
     waits, and the consumer frees a slot once the batch is copied out (converted, or sent to the
     device). A worker's batches are consumed in order, so slot ``n % slots`` is free for batch n.
