@@ -3,12 +3,6 @@
 Class-index masks (0 = background, k+1 = class k, 255 = ignore) are stored as palette PNGs so the
 file holds the exact indices while any image viewer shows the familiar VOC colours. Ingest writes GT
 masks this way and the labelling job writes pseudo labels the same way.
-
-Public API::
-
-    pascal_palette() -> list[int]                 # 768 values, PIL putpalette order
-    encode_mask(mask: np.ndarray) -> bytes        # (H, W) uint8 -> palette PNG
-    decode_mask(data: bytes) -> np.ndarray        # palette / greyscale / VOC-coloured RGB PNG -> (H, W) uint8
 """
 
 from __future__ import annotations

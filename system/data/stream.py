@@ -1,17 +1,5 @@
 """The WebDataset stream that feeds training (per rank) and evaluation.
 
-Public API::
-
-    StreamConfig                       # batch_size, image_size, augment, num_workers, shuffle_buffer,
-                                       # seed, resampled, epoch_batches, retries
-    train_loader(dataset_uri, rank, world_size, cfg, epoch=0, skip_batches=0, device=None) -> Loader
-        yields (images (B,3,S,S) float32 ImageNet-normalised, labels (B,K) float32 multi-hot);
-        len(loader) = batches this call yields (resampled streams)
-    eval_loader(dataset_uri, batch_size, image_size, rank=0, world_size=1, num_workers=0) -> Loader
-        yields {"images", "labels", "masks" (B,S,S) int64 with 255 where absent/ignored, "keys"}
-    epoch_batches(info, world_size, cfg) -> int          # steps per rank per epoch
-    shard_samples(url, retries=5) -> iterator of raw samples of one shard, resuming after read errors
-
 How a rank's batches are made: the shard list from ``dataset.json`` is shuffled with a seed that
 depends on (seed, epoch), split by rank and then by DataLoader worker; raw (still encoded) samples
 are shuffled in a buffer, decoded late, augmented, and batched inside the workers. With

@@ -23,16 +23,6 @@ Pillow >= 12 refuses ``posterize(img, 0)``, which timm's PosterizeIncreasing pro
 of its magnitude range (magnitude 9 + noise reaches 10 -> 0 bits): without a fix one image in a few
 hundred would crash a training run. Zero bits used to give a black image (the authors' Pillow), and
 ``paper`` keeps that.
-
-Public API::
-
-    IMAGENET_MEAN, IMAGENET_STD
-    decode_rgb(data, draft_size=None) -> PIL.Image (RGB; alpha composited on the ImageNet mean grey)
-    rgbx_pixels(image) -> (H, W, 4) uint8 tensor (RGB + padding);  resize_pixels(hwc, size) -> (size, size, C)
-    ImageTransform(kind, size): t(image, seed=None) -> per-image item (the same seed, the same item);
-                                t.collate(items, out=None) -> batch (in the worker); t.item_layout() -> (shape, dtype);
-                                t.finish(batch, device=None) -> (B, 3, S, S) float32 normalised (in the consumer)
-    resize_mask(mask, size) -> (S, S) uint8 array (nearest)
 """
 
 from __future__ import annotations

@@ -7,15 +7,6 @@ torch both release the GIL), bounded so a shard never sits decoded in memory; bf
 the hardware computes bf16 natively. The maths is the library's: ``predict_probs`` (docs/method.md §c.1) and
 ``multi_scale_cam`` + ``pseudo_labels`` (docs/method.md §b.4-b.7); nothing here changes a pixel's value except
 the optional tag restriction (zeroing classes the image is not tagged with) and the CRF.
-
-Public API::
-
-    Labeller(model, cfg, class_names).label(samples, pool) -> iterator of Labelled | Failure
-    Labeller.decode(sample) -> Decoded | Failure;  Labeller.run(batch) -> list[Labelled | Failure]
-    size_batches(items, size_of, batch_size, max_held) -> iterator of lists
-    model_size(height, width, max_side, min_side) -> (h, w)
-    resolve_precision(precision, device) -> torch.dtype | None
-    to_input(pixels) -> (...,3,H,W) float32 ImageNet-normalised (from uint8 (...,H,W,3))
 """
 
 from __future__ import annotations

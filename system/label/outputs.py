@@ -15,15 +15,6 @@ Layout under ``output``::
     failures/part-<run>-<writer>-<n>.jsonl
     previews/<key>.png, previews/contact_sheet.png
     label_job.json                  (last)
-
-Public API::
-
-    mask_png(mask, line) -> bytes;  mask_line(png) -> dict | None
-    mask_stats(mask, class_names) -> {"classes", "fractions"}
-    sparse_confusion(gt, pred, n) -> [[gt, pred_or_n, count], ...];  confusion_from_sparse(images, n)
-    OutputWriter(cfg, class_names, run_id, writer_id, model_id, pool)
-    list_mask_keys(folder) -> set[str]
-    finalize_outputs(cfg, run_id, class_names, seen, failed) -> dict
 """
 
 from __future__ import annotations
