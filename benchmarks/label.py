@@ -6,7 +6,7 @@ Model: the DeiT-S ClusterCAM (K=20, C=384, 12 blocks x 6 heads, LargeFOV decoder
 weights with the decoder's last layer scaled up so the probabilities are peaked as a trained
 model's are (a fresh decoder is near-uniform and its argmax is decided by rounding noise). Images:
 500x375 JPEGs (synthetic shapes). Both sides decode the JPEG, normalise, run the five test scales
-(0.5-1.5, spec c.1), take the argmax and encode the PNG, so the figures are images in -> masks out.
+(0.5-1.5, docs/method.md §c.1), take the argmax and encode the PNG, so the figures are images in -> masks out.
 
 - reference: the reference-style loop (one image at a time, decode -> five scales -> argmax -> PNG)
   with the same model (``system.cam.predict_probs``), fp32; the labeller's fp32 masks must be identical;

@@ -1,4 +1,4 @@
-"""A straightforward implementation of SPEC-clustercam.md, written the way the authors' code runs.
+"""A straightforward implementation of docs/method.md, written the way the authors' code runs.
 
 It is the baseline that benchmarks/model.py measures against and an independent second
 implementation that the tests compare the fast library with on shapes the golden set lacks. Every

@@ -1,11 +1,11 @@
 """Train the DeiT-S ClusterCAM briefly on synthetic scenes, for benchmarks that compare precisions.
 
 A randomly initialised ClusterCAM has near-uniform attention, so its CAMs are almost flat and the
-min-max normalisation of spec b.4 blows rounding noise up to whole-map differences: bf16 and fp32
-pseudo labels of a random model disagree on ~12% of pixels in our implementation and in the naive
+min-max normalisation of docs/method.md §b.4 blows rounding noise up to whole-map differences: bf16 and fp32
+pseudo labels of a random model disagree on many pixels in our implementation and in the naive
 baseline alike. A model whose CAMs follow the objects is the fair subject. Real checkpoints cannot be
-downloaded here, so this trains the classification phase (spec b.3 before ``seg_start_epoch``) on
-the synthetic source's scenes: minutes on a GPU, hours on this CPU.
+downloaded here, so this trains the classification phase (docs/method.md §b.3 before ``seg_start_epoch``) on
+the synthetic source's scenes, which is far quicker on a GPU than on a CPU.
 
     python -m benchmarks.pretrain --out deit_s.pt [--steps 800] [--device cuda]
     python -m benchmarks.model --weights deit_s.pt --device cuda --tasks cam infer

@@ -5,7 +5,7 @@
 
 The baseline decodes each JPEG (already in memory) with PIL and resizes it to crop x crop with PIL in
 one process: the work no stream can avoid, done the usual way. A second baseline does the same with
-the stream's own resize (torch's uint8 kernel, 2-3x faster than PIL's), so the ratio against it is
+the stream's own resize (torch's uint8 kernel, faster than PIL's), so the ratio against it is
 the stream machinery alone. Both run right before every stream epoch, and ratios are medians over
 rounds, because this machine's speed drifts by more than the gaps measured.
 
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="baseline + stream pairs per augmentation (medians)")
     parser.add_argument("--shard-size", type=int, default=250,
-                        help="images per shard (ingest writes 1000; each shard costs one S3 GET, ~4 ms of CPU)")
+                        help="images per shard (ingest writes 1000; each shard costs one S3 GET)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,7 @@ prints a summary, copies the small artefacts (summary, contact sheet, job record
 
 Everything lives under ``dir`` (default ``.demo``) and is reused on the next run: ingest skips
 complete shards, a run whose model is exported is not trained again (its labels are then not
-recomputed either), so a second ``make demo`` takes about a minute. ``root=`` (an ``s3://`` URI for
+recomputed either), so a second ``make demo`` is quick. ``root=`` (an ``s3://`` URI for
 the S3 settings in the environment, or a local folder) runs without starting an S3 server, and a set
 ``RAY_ADDRESS`` joins that Ray instead of starting a head.
 """

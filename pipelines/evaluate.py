@@ -5,7 +5,7 @@
 
 ``masks`` holds ``<key>.png`` class-index (or PASCAL-coloured) PNGs, such as a labelling job's
 ``masks/`` or the authors' ``--save_path``; ``data`` is a dataset (shards with ``mask.png``) or a
-manifest with ``mask`` fields. The metric is spec c.3's (255 in the GT is skipped; a 255 in a
+manifest with ``mask`` fields. The metric is the one of docs/method.md §c.3 (255 in the GT is skipped; a 255 in a
 prediction counts as a miss). Images with GT but no predicted mask are counted and, by default,
 scored as all-wrong so a partial mask folder cannot look better than it is. Shards are read in
 parallel threads; no Ray is needed.

@@ -1,4 +1,4 @@
-"""Multi-scale CAMs for training (spec b.4) and multi-scale segmentation probabilities (spec c.1).
+"""Multi-scale CAMs for training and multi-scale segmentation probabilities (docs/method.md §b.4, §c.1).
 
 Flips are batched with the originals (one forward per scale at 2B); scales cannot share a forward
 because the token grids differ.
@@ -32,7 +32,7 @@ def multi_scale_cam(
     """Training-time CAMs (B,K,H,W) in [0,1): max over flips, sum over scales, min-max per map.
 
     Scale 1.0 always runs (first); the model's mode is the caller's (the authors use train mode).
-    ``n_layers`` and ``p2p_refine`` are ``model.cam``'s (spec a.7).
+    ``n_layers`` and ``p2p_refine`` are ``model.cam``'s (docs/method.md §a.7).
     """
     B, _, H, W = x.shape
     total = None

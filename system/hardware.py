@@ -1,8 +1,8 @@
 """What the hardware does fast: the default precision follows it.
 
 bf16 autocast is a large win on GPUs and on CPUs with native bf16 instructions (AVX512-BF16, AMX),
-and a large loss elsewhere: without them PyTorch emulates bf16 matmuls, measured here ~50x slower
-than fp32 on an AVX2-only CPU. So "auto" picks bf16 only where it is native.
+and a large loss elsewhere: without them PyTorch emulates bf16 matmuls, many times slower than fp32.
+So "auto" picks bf16 only where it is native.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The single-stage objective (spec b.3 step 4-5, b.8).
+"""The single-stage objective (docs/method.md §b.3 steps 4-5, §b.8).
 
 The segmentation loss is written as sums and pixel counts so a distributed trainer can all-reduce
 the counts and weight every pixel of the global batch equally, as the authors' single-process
-DataParallel run does (spec e.19); with one process the two forms are the same number.
+DataParallel run does (docs/method.md §e.19); with one process the two forms are the same number.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Confusion-matrix segmentation metrics (spec c.3), accumulable over batches and mergeable.
+"""Confusion-matrix segmentation metrics (docs/method.md §c.3), accumulable over batches and mergeable.
 
 Workers each accumulate a matrix and the trainer sums them (all-reduce of ``matrix``), so the mIoU
 of a distributed evaluation is exactly that of one pass over all pixels.

@@ -1,8 +1,8 @@
-"""Optimiser parameter groups and learning-rate schedules (spec b.9).
+"""Optimiser parameter groups and learning-rate schedules (docs/method.md §b.9).
 
 Two LR recipes:
 
-* ``authors``: exactly what the reference run did (golden/lr_schedule.json): base LR
+* ``authors``: exactly what the reference run did (tests/golden/lr_schedule.json): base LR
   ``5e-4 * global_batch / 512``, timm's per-epoch cosine with 5 warm-up epochs from 1e-6 towards
   ``lr_min`` 1e-5, stepped *after* each epoch (so epochs 0 and 1 both train at 1e-6) and, because
   the base LR is below ``lr_min``, "decaying" upwards. Use it to reproduce the paper.
@@ -50,7 +50,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay every tensor with >= 2 dims, none of the biases, norms and mix parameters.
 
     The authors' DataParallel wrapper hid the model's no-weight-decay list, so cls_token and
-    pos_embed are decayed too (spec e.14); this reproduces that. The segmentation decoder gets a
+    pos_embed are decayed too (docs/method.md §e.14); this reproduces that. The segmentation decoder gets a
     group of its own: it receives no gradient in the classification phase, where torch's AdamW
     skips it, while a ZeRO optimizer steps its flat partitions every iteration with a zero
     gradient. Switching the group's weight decay off until the segmentation phase

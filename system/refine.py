@@ -1,4 +1,4 @@
-"""Pixel-adaptive refinement (PAR, spec b.6) and CAM -> pseudo-label construction (spec b.5, b.7).
+"""Pixel-adaptive refinement (PAR) and CAM -> pseudo-label construction (docs/method.md §b.5-b.7).
 
 The authors refine one image at a time over the channels of its present classes. Here the batch,
 both background thresholds and the present classes are refined in one PAR call: absent classes are
@@ -31,7 +31,7 @@ _DIRECTIONS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1,
 def denormalize(images: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised images -> [0,1], through uint8 as the authors do (truncation).
 
-    Values are clamped to [0,255] before the cast (spec e.15): the authors' cast wraps around for
+    Values are clamped to [0,255] before the cast (docs/method.md §e.15): the authors' cast wraps around for
     out-of-range pixels that RandomErasing's noise produces; in range the result is identical.
     """
     mean = torch.tensor(_MEAN_255, device=images.device).view(1, 3, 1, 1)
@@ -91,7 +91,7 @@ class PAR:
 
 
 def cam_to_label(cams: torch.Tensor, cls_labels: torch.Tensor) -> torch.Tensor:
-    """CAMs of the image's tagged classes only (spec b.5); the authors' hard label is unused."""
+    """CAMs of the image's tagged classes only (docs/method.md §b.5); the authors' hard label is unused."""
     return cams * cls_labels.to(cams.dtype).view(*cls_labels.shape, 1, 1)
 
 
@@ -154,7 +154,7 @@ def pseudo_labels(
     ignore_delta: float = 0.1,
     par: PAR | None = None,
 ) -> torch.Tensor:
-    """PAR-refined pseudo labels (B,H,W) int64 in {0..K, 255} (spec b.6-b.7).
+    """PAR-refined pseudo labels (B,H,W) int64 in {0..K, 255} (docs/method.md §b.6-b.7).
 
     Foreground where a class beats the ``bg_threshold + ignore_delta`` background; background only
     where the background wins even at ``bg_threshold - ignore_delta``; 255 in between.

@@ -4,21 +4,6 @@ Every job takes its inputs and outputs as URIs so the same code runs against a l
 embedded SeaweedFS server and a cloud bucket. ``s3://bucket/key`` goes through boto3; anything else
 (a path, or ``file://path``) is the local file system.
 
-Public API::
-
-    get_bytes(uri) -> bytes
-    put_bytes(uri, data) -> None                  # atomic
-    exists(uri) -> bool
-    list_uris(prefix_uri) -> list[str]            # every object below a prefix, sorted
-    open_read(uri) -> binary file-like            # streaming, use as a context manager
-    open_write(uri) -> context manager of a binary file; the object appears only if the block succeeds
-    upload_file(local_path, uri) -> None          # multipart above 8 MiB, atomic
-    download_file(uri, local_path) -> None        # atomic on the local side
-    join(uri, *parts) -> str
-    check_readable(uri) / check_writable(uri)     # fail fast with StorageError naming the URI
-    aws_settings() -> dict[str, str]              # the non-secret AWS settings a job may carry
-    is_transient(exc) -> bool                     # a network fault or a server-side 5xx: worth a retry
-
 Endpoint and credentials come only from boto3's standard chain (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE`` ...): nothing here logs, stores or
 formats them into messages. Credentials never travel with a job: every node (and so every Ray worker,
@@ -143,7 +128,7 @@ def aws_settings() -> dict[str, str]:
 def _client(fast_fail: bool = False):
     """A boto3 client per process and AWS setting. Clients are per pid (their connection pools must
     not cross a fork); sessions are shared, so a forked DataLoader or Ray worker reuses the parsed
-    service models instead of spending ~0.1 CPU-second loading them again."""
+    service models instead of loading them again."""
     env = tuple(sorted((k, os.environ[k]) for k in _AWS_SETTINGS + _AWS_IDENTITY if k in os.environ))
     key = (os.getpid(), fast_fail, env)
     with _clients_lock:

@@ -1,17 +1,9 @@
 """Prometheus metrics and progress lines shared by every job.
 
-Metric names follow DESIGN.md: ``clustercam_<what>_<unit>``. Each process (a training worker, a
+Metric names follow one pattern: ``clustercam_<what>_<unit>``. Each process (a training worker, a
 labelling actor, the ingest driver) exposes its own registry on its own port, on loopback unless
 told otherwise, and labels its series with its role (``rank``/``actor``) so a scrape of all workers
 adds up.
-
-Public API::
-
-    start_metrics_server(port, addr="127.0.0.1") -> int   # the bound port (0 picks a free one)
-    train_metrics() -> TrainMetrics                         # per-process singletons
-    label_metrics() -> LabelMetrics
-    ingest_metrics() -> IngestMetrics
-    Progress(total, what, log=..., every_s=10).update(n)    # "what: 120/1000 (12.0%) 35.2/s ETA 25s"
 """
 
 from __future__ import annotations

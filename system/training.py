@@ -1,7 +1,7 @@
 """The single-stage ClusterCAM training recipe, independent of Ray and DeepSpeed.
 
 ``TrainConfig`` is the whole run config (what ``python -m pipelines.train`` parses); ``compute_loss``
-is one micro-batch of spec b.3: classification phase, or - from ``seg_start_epoch`` - multi-scale
+is one micro-batch of docs/method.md §b.3: classification phase, or - from ``seg_start_epoch`` - multi-scale
 CAMs -> PAR pseudo labels -> segmentation loss. The distributed worker (workers/train.py) and a
 plain single-process loop (tests, benchmarks) both call it, which is what makes them comparable.
 """
@@ -33,11 +33,16 @@ class ScheduleConfig:
     )
     grad_accum: int = option(1, "micro-batches per optimizer step on each worker")
     cam_scales: tuple[float, ...] = option((1.0, 0.75, 1.25), "scales of the training-time multi-scale CAM")
-    cam_train_mode: bool = option(True, "make training CAMs with drop path active, as the authors do (spec e.9)")
-    cam_layers: int = option(CAM_LAYERS, "last blocks whose class-to-patch attention gates the CAM (spec a.7 n_layers)")
+    cam_train_mode: bool = option(
+        True, "make training CAMs with drop path active, as the authors do (docs/method.md §e.9)"
+    )
+    cam_layers: int = option(
+        CAM_LAYERS, "last blocks whose class-to-patch attention gates the CAM (docs/method.md §a.7 n_layers)"
+    )
     cam_p2p_refine: bool = option(
-        CAM_P2P_REFINE, "spread CAMs along every block's patch-to-patch attention (spec a.7); off for a model trained "
-        "from scratch, whose diffuse attention smears the CAM over the whole image"
+        CAM_P2P_REFINE,
+        "spread CAMs along every block's patch-to-patch attention (docs/method.md §a.7); off for a model trained "
+        "from scratch, whose diffuse attention smears the CAM over the whole image",
     )
     bg_threshold: float = option(0.4, "background threshold of the pseudo labels (VOC 0.40, COCO 0.43)")
     ignore_delta: float = option(0.1, "half-width of the ignored band around bg_threshold")
@@ -95,13 +100,15 @@ class TrainConfig:
         0,
         "DeepSpeed ZeRO stage 0-3. 0 = data parallel, the fastest while model + optimizer state fit (DeiT-S: "
         "350 MB); 1/2/3 also partition optimizer state / gradients / weights across workers, for backbones whose "
-        "state does not fit, at the cost of per-tensor bucket copies each step (+30-50% per step for DeiT-S on CPU)",
+        "state does not fit, at the cost of per-tensor bucket copies each step",
     )
     max_steps: int = option(0, "stop after N optimizer steps (still checkpoint and export); 0 = run the schedule")
     max_failures: int = option(3, "worker-group restarts Ray Train allows before the run fails")
     seed: int = option(0, "seed of the model init, drop path and data order")
     weights: str | None = option(
-        None, "initial weights: an ImageNet DeiT/ViT checkpoint (spec b.2) or a ClusterCAM checkpoint; null = random"
+        None,
+        "initial weights: an ImageNet DeiT/ViT checkpoint (docs/method.md §b.2) or a ClusterCAM checkpoint; "
+        "null = random",
     )
     model: ClusterCAMConfig = option(factory=ClusterCAMConfig, doc="network shape")
     stream: StreamConfig = option(factory=StreamConfig, doc="data stream; stream.batch_size is the micro-batch per worker")
@@ -169,7 +176,7 @@ def _cams(model: ClusterCAM, images: torch.Tensor, cfg: ScheduleConfig, train_mo
 
 
 def make_pseudo_labels(model: ClusterCAM, images: torch.Tensor, labels: torch.Tensor, cfg: ScheduleConfig) -> torch.Tensor:
-    """Spec b.3 step 2: multi-scale CAM (no grad) -> label-masked -> PAR pseudo labels."""
+    """docs/method.md §b.3 step 2: multi-scale CAM (no grad) -> label-masked -> PAR pseudo labels."""
     cams = _cams(model, images, cfg, cfg.cam_train_mode)
     return pseudo_labels(denormalize(images), cams, labels, cfg.bg_threshold, cfg.ignore_delta)
 
@@ -198,7 +205,7 @@ def compute_loss(
     ``forward`` is the module call (a DeepSpeed engine or the model itself), ``model`` the bare
     module used for the no-grad CAMs. With ``world_size`` > 1 the segmentation loss's pixel counts
     are all-reduced so every pixel of the global batch weighs the same, as in the authors'
-    single-process run (spec e.19); the factor ``world_size`` undoes the gradient averaging.
+    single-process run (docs/method.md §e.19); the factor ``world_size`` undoes the gradient averaging.
     """
     seg_phase = in_seg_phase(cfg, epoch)
     pseudo = make_pseudo_labels(model, images, labels, cfg) if seg_phase else None

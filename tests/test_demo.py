@@ -3,7 +3,7 @@
 The demo starts its own S3 server and Ray head, ingests two synthetic splits, trains 2 DeepSpeed
 workers for a few steps (into the segmentation phase), labels the held-out split, evaluates and
 stops everything. Afterwards the test brings the S3 server back on the demo's data folder and checks
-every artefact of the contracts (DESIGN.md), then runs the demo again to check that it reuses them.
+every artefact of the data contracts (README, "How it fits together"), then runs the demo again to check that it reuses them.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The fast library against the naive spec transcription (benchmarks/naive.py) on shapes the golden
-set does not cover: other seeds, class counts, batch sizes, non-square and non-multiple-of-16 inputs."""
+"""The fast library against the naive transcription of docs/method.md (benchmarks/naive.py) on shapes
+the golden set does not cover: other seeds, class counts, batch sizes, non-square and non-multiple-of-16 inputs."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def test_loss_and_gradients_match_naive(case):
         ref.backward()
         naive_params = dict(naive.named_parameters())
         for name, p in fast.named_parameters():
-            if naive_params[name].grad is None:  # the final norm, never applied (spec a.1)
+            if naive_params[name].grad is None:  # the final norm, never applied (docs/method.md §a.1)
                 assert p.grad is None, name
                 continue
             assert_rel(p.grad, naive_params[name].grad, tol=1e-4)

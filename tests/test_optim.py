@@ -10,12 +10,12 @@ from system.model import build_clustercam
 import torch
 
 from system.optim import OptimConfig, learning_rate, param_groups, set_step_hyperparams
-from tests.golden import GOLDEN_A
+from tests.golden import LR_SCHEDULE
 
 
 @pytest.mark.parametrize("recipe, epochs", [("voc_run_e2e", 80), ("coco_run_e2e_coco", 60)])
 def test_authors_schedule_reproduces_the_reference(recipe, epochs):
-    ref = json.loads((GOLDEN_A.parent / "lr_schedule.json").read_text())[recipe]
+    ref = json.loads(LR_SCHEDULE.read_text())[recipe]
     cfg = OptimConfig(lr_schedule="authors")
     steps_per_epoch = 7
     got = [learning_rate(cfg, ref["batch_size"], epochs, steps_per_epoch, e * steps_per_epoch + 3) for e in range(epochs)]
@@ -36,7 +36,7 @@ def test_decay_groups_match_the_reference_counts():
     groups = param_groups(build_clustercam(num_classes=20), 0.05)
     decayed = sum(len(g["params"]) for g in groups if g["weight_decay"] > 0)
     plain = sum(len(g["params"]) for g in groups if g["weight_decay"] == 0)
-    assert (decayed, plain) == (91, 220)  # spec b.9
+    assert (decayed, plain) == (91, 220)  # docs/method.md §b.9
 
 
 def test_decoder_weight_decay_waits_for_the_segmentation_phase():

@@ -19,12 +19,12 @@ from system.model import (
     init_from_deit,
     load_clustercam,
 )
-from tests.golden import GOLDEN_A, golden
+from tests.golden import authors_state_dict, golden
 
 
 @pytest.fixture(scope="module")
 def authors_sd():
-    return torch.load(GOLDEN_A / "state_dict.pt")
+    return authors_state_dict()
 
 
 def _same_outputs(a, b, x) -> bool:
@@ -57,7 +57,7 @@ def test_authors_checkpoint_wrappings_load_strictly(tmp_path, authors_sd, wrap):
     model = load_clustercam(str(path))
     assert not model.training
     reference = load_clustercam(authors_sd)
-    assert _same_outputs(model, reference, golden("x.pt"))
+    assert _same_outputs(model, reference, golden("x"))
 
 
 def test_safetensors_file_and_overrides(tmp_path, authors_sd):

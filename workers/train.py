@@ -1,7 +1,7 @@
 """The per-worker training loop: one DeepSpeed engine per Ray Train worker.
 
 Reads top to bottom: set up the rank, build the model and the engine, restore the latest checkpoint
-if Ray hands one over, then the schedule (spec b.3-b.9) epoch by epoch with checkpoints, validation
+if Ray hands one over, then the schedule (docs/method.md §b.3-b.9) epoch by epoch with checkpoints, validation
 and telemetry, and finally the export of the consolidated weights.
 
 What makes a resumed run the run it replaces: the learning rate is a function of the optimizer step,
@@ -95,7 +95,7 @@ def deepspeed_config(cfg: TrainConfig, precision: str) -> dict:
 
 
 def initial_weights(model: ClusterCAM, uri: str) -> None:
-    """An ImageNet DeiT checkpoint is mapped (spec b.2); a ClusterCAM checkpoint loads strictly."""
+    """An ImageNet DeiT checkpoint is mapped (docs/method.md §b.2); a ClusterCAM checkpoint loads strictly."""
     sd = read_state_dict(uri)
     if any(".st_attn." in k for k in sd):
         model.load_state_dict(sd, strict=True)

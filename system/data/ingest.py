@@ -9,16 +9,6 @@ changed inputs or settings are never mistaken for done work. Image checks run in
 task, so a shard holds at most ``shard_size`` samples (fewer when some are rejected).
 ``finalize`` writes ``rejects.jsonl`` and then ``dataset.json`` - the file that makes the dataset
 exist - only if their content changed.
-
-Public API::
-
-    IngestPlan(groups, rejects, inputs); plan(source, shard_size) -> IngestPlan
-    fingerprint(entries, class_names, settings) -> str
-    ShardTask(index, entries, output, class_names, fingerprint, max_pixels, verify)
-    read_part(output, index) -> dict | None
-    write_shard(source, task) -> dict
-    finalize(output, name, class_names, parts, plan_rejects, inputs, source_settings) -> dict
-    put_if_changed(uri, data)
 """
 
 from __future__ import annotations

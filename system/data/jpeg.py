@@ -24,11 +24,6 @@ refused.
 The frame header it reads anyway gives the size and colour layout, so ingest needs no other
 parser for a JPEG; Huffman tables are checked once per distinct table (most encoders write the same
 few).
-
-Public API::
-
-    JpegFrame(width, height, components, precision)
-    check_jpeg(data) -> JpegFrame      # raises ValueError naming the first fault
 """
 
 from __future__ import annotations

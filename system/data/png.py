@@ -13,11 +13,6 @@ check costs close to a decode; PNGs are the minority of inputs.
 Where decoders only warn or ignore, so does this: unknown ancillary or critical chunks (Pillow
 skips them), bytes after IEND, APNG frame data (``fdAT``: CRC-checked only, the default image is
 what a decoder shows).
-
-Public API::
-
-    PngHeader(width, height, bit_depth, colour_type, interlaced)   # .describe(): "interlaced 8x8 8-bit RGB"
-    check_png(data) -> PngHeader       # raises ValueError naming the first fault
 """
 
 from __future__ import annotations

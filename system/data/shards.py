@@ -11,18 +11,6 @@ collide when two ids are equal.
 
 Tars are byte-for-byte reproducible: members in sample order, mtime 0, uid/gid 0, no user names,
 mode 0444, ustar headers (pax records only for names over 100 bytes).
-
-Public API::
-
-    FORMAT_VERSION, DATASET_FILE, REJECTS_FILE
-    shard_name(index) -> "shard-000042.tar"
-    escape_id(id) -> key;  unescape_key(key) -> id
-    check_id(id) -> None                          # raises UnsafeId for ids no dataset should carry
-    write_tar(fileobj, samples) -> (size, sha256) # samples: iterable of (key, [(ext, bytes)...])
-    read_tar(fileobj) -> iterator of (name, bytes)  # regular files; raises tarfile.ReadError when cut short
-    group_samples(files) -> iterator of {"__key__": key, ext: bytes, ...}  # WebDataset's grouping
-    read_dataset(uri) -> dict                     # parsed dataset.json, format checked
-    shard_uris(uri, info) -> list[str]
 """
 
 from __future__ import annotations

@@ -1,17 +1,5 @@
 """The WebDataset stream that feeds training (per rank) and evaluation.
 
-Public API::
-
-    StreamConfig                       # batch_size, image_size, augment, num_workers, shuffle_buffer,
-                                       # seed, resampled, epoch_batches, retries
-    train_loader(dataset_uri, rank, world_size, cfg, epoch=0, skip_batches=0, device=None) -> Loader
-        yields (images (B,3,S,S) float32 ImageNet-normalised, labels (B,K) float32 multi-hot);
-        len(loader) = batches this call yields (resampled streams)
-    eval_loader(dataset_uri, batch_size, image_size, rank=0, world_size=1, num_workers=0) -> Loader
-        yields {"images", "labels", "masks" (B,S,S) int64 with 255 where absent/ignored, "keys"}
-    epoch_batches(info, world_size, cfg) -> int          # steps per rank per epoch
-    shard_samples(url, retries=5) -> iterator of raw samples of one shard, resuming after read errors
-
 How a rank's batches are made: the shard list from ``dataset.json`` is shuffled with a seed that
 depends on (seed, epoch), split by rank and then by DataLoader worker; raw (still encoded) samples
 are shuffled in a buffer, decoded late, augmented, and batched inside the workers. With
@@ -81,7 +69,9 @@ class StreamConfig:
 
     batch_size: int = option(8, doc="images per batch per rank")
     image_size: int = option(448, doc="side S of the (S, S) crops")
-    augment: Augment = option("paper", doc="paper (spec b.1) | light (crop + flip) | none (resize, deterministic)")
+    augment: Augment = option(
+        "paper", doc="paper (docs/method.md §b.1) | light (crop + flip) | none (resize, deterministic)"
+    )
     num_workers: int = option(2, doc="DataLoader worker processes per rank (decode + augment)")
     shuffle_buffer: int = option(1000, doc="raw samples held for shuffling, per worker")
     seed: int = option(0, doc="base seed of shard order, shuffling and augmentation")
@@ -151,7 +141,7 @@ class _BatchSlots:
 
     Without them the DataLoader moves every batch into a fresh shared-memory segment: the worker
     creates it, faults in its pages and copies the batch there, sends a file descriptor, and the
-    consumer maps the segment again - about 0.4 ms of CPU per 224 px image, a fifth of its decode.
+    consumer maps the segment again, CPU work per image that is a noticeable part of its decode.
     A semaphore per worker counts its free slots: a worker ``slots`` batches ahead of the consumer
     waits, and the consumer frees a slot once the batch is copied out (converted, or sent to the
     device). A worker's batches are consumed in order, so slot ``n % slots`` is free for batch n.

@@ -1,6 +1,6 @@
 """Image decoding and the train/eval transforms of the data stream.
 
-``paper`` is the authors' training augmentation (SPEC-clustercam.md b.1) built with timm's
+``paper`` is the authors' training augmentation (docs/method.md §b.1) built with timm's
 ``create_transform``: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bicubic) -> horizontal flip ->
 RandAugment ``rand-m9-mstd0.5-inc1`` -> ImageNet normalisation -> RandomErasing (p 0.25, pixel mode).
 ``light`` keeps the crop and flip but drops RandAugment and erasing, and lets libjpeg decode at a
@@ -23,16 +23,6 @@ Pillow >= 12 refuses ``posterize(img, 0)``, which timm's PosterizeIncreasing pro
 of its magnitude range (magnitude 9 + noise reaches 10 -> 0 bits): without a fix one image in a few
 hundred would crash a training run. Zero bits used to give a black image (the authors' Pillow), and
 ``paper`` keeps that.
-
-Public API::
-
-    IMAGENET_MEAN, IMAGENET_STD
-    decode_rgb(data, draft_size=None) -> PIL.Image (RGB; alpha composited on the ImageNet mean grey)
-    rgbx_pixels(image) -> (H, W, 4) uint8 tensor (RGB + padding);  resize_pixels(hwc, size) -> (size, size, C)
-    ImageTransform(kind, size): t(image, seed=None) -> per-image item (the same seed, the same item);
-                                t.collate(items, out=None) -> batch (in the worker); t.item_layout() -> (shape, dtype);
-                                t.finish(batch, device=None) -> (B, 3, S, S) float32 normalised (in the consumer)
-    resize_mask(mask, size) -> (S, S) uint8 array (nearest)
 """
 
 from __future__ import annotations
@@ -70,19 +60,19 @@ def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
 
 def rgbx_pixels(image: Image.Image) -> torch.Tensor:
     """An RGB image as an (H, W, 4) uint8 tensor, the fourth byte padding: Pillow stores RGB pixels in
-    4 bytes, so RGBX comes out with a plain copy where packed RGB costs a per-pixel repack (2x)."""
+    4 bytes, so RGBX comes out with a plain copy where packed RGB costs a per-pixel repack."""
     data = bytearray(image.tobytes("raw", "RGBX"))
     return torch.frombuffer(data, dtype=torch.uint8).view(image.height, image.width, 4)
 
 
 def resize_pixels(image: torch.Tensor, size: int) -> torch.Tensor:
     """(H, W, C) uint8 -> (size, size, C) uint8, antialiased bilinear like PIL's BILINEAR resize (within
-    1 level), with torch's vectorised uint8 kernel: 2-3x faster than PIL on these CPUs."""
+    1 level), with torch's vectorised uint8 kernel, which is faster than PIL's."""
     image = image.contiguous()
     height, width, channels = image.shape
     # a (1, C, H, W) view of the HWC memory whose batch stride says "channels last" unambiguously, so
     # torch picks its vectorised kernel and returns channels-last memory (torchvision's resize does
-    # the same, at 3x the Python overhead)
+    # the same, with more Python overhead)
     planar = image.as_strided((1, channels, height, width), (height * width * channels, 1, width * channels, channels))
     out = torch.nn.functional.interpolate(planar, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return out[0].permute(1, 2, 0)
@@ -179,7 +169,7 @@ class ImageTransform:
         return (self.size, self.size, 4), torch.uint8
 
     def collate(self, items: list, out: torch.Tensor | None = None) -> torch.Tensor:
-        # RGBX items stay RGBX: dropping the padding byte in this copy would make it 10x slower
+        # RGBX items stay RGBX: dropping the padding byte in this copy would make it a per-pixel repack
         return torch.stack(items, out=out)
 
     def finish(self, batch: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:

@@ -21,12 +21,6 @@ refuses everything ``structure`` refuses and more: a decode alone would pass a P
 CRC or a JPEG whose restart markers are off, where libjpeg only warns. Neither catches a bit error
 inside JPEG entropy data, which libjpeg decodes with a warning; the training stream skips any sample
 that still fails to decode.
-
-Public API::
-
-    Verify = Literal["structure", "decode"]
-    inspect_image(data, max_pixels, verify="structure") -> (ext, data, width, height)   # raises BadEntry
-    sample_members(entry, loaded, class_index, max_pixels, verify="structure") -> (members, has_mask)
 """
 
 from __future__ import annotations

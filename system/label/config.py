@@ -25,12 +25,24 @@ class LabelConfig:
     model: str = option(doc="exported model directory (model.safetensors + model.json) or a checkpoint file; path or s3:// URI")
     data: str = option(doc="dataset URI (folder with dataset.json + shards) or a manifest (.jsonl/.csv of id, image, labels[, mask])")
     output: str = option(doc="job folder or s3:// prefix: masks/, stats/, failures/, previews/, label_job.json")
-    mode: Mode = option("seg", doc="seg: multi-scale segmentation head (spec c.1); cam: CAM + PAR pseudo labels (spec b.4-b.7); both: seg in masks/, cam in cam_masks/")
+    mode: Mode = option(
+        "seg",
+        doc="seg: multi-scale segmentation head (docs/method.md §c.1); cam: CAM + PAR pseudo labels "
+        "(docs/method.md §b.4-b.7); both: seg in masks/, cam in cam_masks/",
+    )
     scales: list[float] = option(factory=lambda: list(INFER_SCALES), doc="seg: test-time scales")
     cam_scales: list[float] = option(factory=lambda: list(TRAIN_CAM_SCALES), doc="cam: CAM scales (1.0 always runs)")
-    cam_layers: int | None = option(None, doc="cam: last blocks whose class-to-patch attention gates the CAM (spec a.7); null: as the model was trained (its model.json), else 3")
-    cam_p2p_refine: bool | None = option(None, doc="cam: refine along patch-to-patch attention (spec a.7); null: as the model was trained (its model.json), else true")
-    bg_threshold: float = option(0.4, doc="cam: background threshold (spec b.7; COCO recipe 0.43)")
+    cam_layers: int | None = option(
+        None,
+        doc="cam: last blocks whose class-to-patch attention gates the CAM (docs/method.md §a.7); "
+        "null: as the model was trained (its model.json), else 3",
+    )
+    cam_p2p_refine: bool | None = option(
+        None,
+        doc="cam: refine along patch-to-patch attention (docs/method.md §a.7); "
+        "null: as the model was trained (its model.json), else true",
+    )
+    bg_threshold: float = option(0.4, doc="cam: background threshold (docs/method.md §b.7; COCO recipe 0.43)")
     ignore_delta: float = option(0.1, doc="cam: half width of the ignore band around bg_threshold")
     mask_format: MaskFormat = option("png", doc="how masks are stored (system.masks codecs): png = 8-bit palette PNG with the stats line embedded")
     restrict_to_tags: bool = option(True, doc="seg: only background and the image's tagged classes may win a pixel")
@@ -38,7 +50,10 @@ class LabelConfig:
     batch_size: int = option(8, doc="images per forward (images of the same size after capping)")
     max_side: int = option(1024, doc="images with a longer side are resized for the model; the mask is resized back (nearest)")
     precision: Precision = option("auto", doc="auto: bf16 autocast on GPU and on CPUs with native bf16, else fp32")
-    crf: bool = option(False, doc="seg: dense CRF on the probabilities (spec c.1 step 3); needs the 'crf' extra (pydensecrf)")
+    crf: bool = option(
+        False,
+        doc="seg: dense CRF on the probabilities (docs/method.md §c.1 step 3); needs the 'crf' extra (pydensecrf)",
+    )
     overwrite: bool = option(False, doc="recompute masks that already exist")
     num_actors: int = option(1, doc="labelling actors (one model copy each)")
     cpus_per_actor: float = option(0.5, doc="Ray CPUs reserved per actor (fractional, so read tasks are never starved)")

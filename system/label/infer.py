@@ -4,18 +4,9 @@ Throughput comes from three things: images of the same (capped) size share a for
 token grid depends on the size, so only equal sizes batch without padding, and padding would change
 the positional embedding and the masks); decoding runs in threads while the model runs (PIL and
 torch both release the GIL), bounded so a shard never sits decoded in memory; bf16 autocast where
-the hardware computes bf16 natively. The maths is the library's: ``predict_probs`` (spec c.1) and
-``multi_scale_cam`` + ``pseudo_labels`` (spec b.4-b.7); nothing here changes a pixel's value except
+the hardware computes bf16 natively. The maths is the library's: ``predict_probs`` (docs/method.md §c.1) and
+``multi_scale_cam`` + ``pseudo_labels`` (docs/method.md §b.4-b.7); nothing here changes a pixel's value except
 the optional tag restriction (zeroing classes the image is not tagged with) and the CRF.
-
-Public API::
-
-    Labeller(model, cfg, class_names).label(samples, pool) -> iterator of Labelled | Reject
-    Labeller.decode(sample) -> Decoded | Reject;  Labeller.run(batch) -> list[Labelled | Reject]
-    size_batches(items, size_of, batch_size, max_held) -> iterator of lists
-    model_size(height, width, max_side, min_side) -> (h, w)
-    resolve_precision(precision, device) -> torch.dtype | None
-    to_input(pixels) -> (...,3,H,W) float32 ImageNet-normalised (from uint8 (...,H,W,3))
 """
 
 from __future__ import annotations
@@ -121,7 +112,7 @@ def size_batches(items: Iterable[T], size_of: Callable[[T], Hashable], batch_siz
 
 
 def dense_crf(pixels: np.ndarray, probs: np.ndarray, iterations: int = 10) -> np.ndarray:
-    """Spec c.1 step 3: DenseCRF2D, Gaussian sxy 4 compat 3, bilateral sxy 83 srgb 5 compat 3."""
+    """docs/method.md §c.1 step 3: DenseCRF2D, Gaussian sxy 4 compat 3, bilateral sxy 83 srgb 5 compat 3."""
     try:
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import unary_from_softmax
@@ -191,7 +182,7 @@ class Labeller:
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
     def seg(self, x: torch.Tensor, tags: torch.Tensor, pixels: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,h,w) labels and confidences: argmax of the multi-scale probabilities (spec c.1)."""
+        """(B,h,w) labels and confidences: argmax of the multi-scale probabilities (docs/method.md §c.1)."""
         with self._autocast():
             probs = predict_probs(self.model, x, self.cfg.scales).float()
         if self.cfg.restrict_to_tags:
@@ -205,7 +196,7 @@ class Labeller:
         return labels, conf
 
     def cam(self, x: torch.Tensor, tags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,h,w) PAR pseudo labels (spec b.7) and confidences (tag CAM of the winner; 1 - max for bg)."""
+        """(B,h,w) PAR pseudo labels (docs/method.md §b.7) and confidences (tag CAM of the winner; 1 - max for bg)."""
         with self._autocast():
             cams = multi_scale_cam(self.model, x, self.cfg.cam_scales, self.cam_layers, self.cam_p2p_refine)
         cams = cams.float() * tags[:, :, None, None]

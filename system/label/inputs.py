@@ -4,14 +4,6 @@ A unit is what one actor call processes: one shard (its samples are only known o
 so the actor skips finished keys itself) or a chunk of manifest lines (the driver already knows the
 keys and drops finished ones before sending). Image bytes are fetched inside the actor, never by
 the driver, so the driver's memory does not grow with the corpus.
-
-Public API::
-
-    Unit(index, uri, entries=())                  # a shard URI, or manifest entries
-    Sample(key, id, labels, image, gt, source, error=None)
-    InputPlan(units, class_names, kind, info, total, rejects)
-    plan_inputs(data, class_names, chunk) -> InputPlan
-    unit_samples(unit, class_index, skip) -> iterator of Sample
 """
 
 from __future__ import annotations

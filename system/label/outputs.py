@@ -16,7 +16,6 @@ Layout under ``output``::
     failures/part-<run>-<writer>-<n>.jsonl
     previews/<key>.png, previews/contact_sheet.png
     label_job.json                  (last)
-
 """
 
 from __future__ import annotations

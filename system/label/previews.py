@@ -1,11 +1,4 @@
-"""Overlay previews and a contact sheet: people check masks by eye before they trust a million.
-
-Public API::
-
-    overlay(pixels, mask, class_names, title="", max_side=384) -> PIL.Image   # image | blend, legend below
-    contact_sheet(tiles, columns=4, tile=320) -> PIL.Image
-    png_bytes(image) -> bytes
-"""
+"""Overlay previews and a contact sheet: people check masks by eye before they trust a million."""
 
 from __future__ import annotations
 

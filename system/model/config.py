@@ -1,4 +1,4 @@
-"""The ClusterCAM network's shape, as a typed config (every option SPEC-clustercam.md names)."""
+"""The ClusterCAM network's shape, as a typed config (every option docs/method.md names)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ClusterCAM network (SPEC-clustercam.md section a), with the authors' parameter names.
+"""The ClusterCAM network (docs/method.md §a), with the authors' parameter names.
 
 Speed without changing the maths: the patch->patch attention (N x N per head) is only needed by the
 CAM path, so ordinary forwards run the token update through fused scaled-dot-product attention and
@@ -19,8 +19,8 @@ from torch import nn
 
 from system.model.config import ClusterCAMConfig
 
-ST_LN_EPS = 1e-5  # the clustering LayerNorms keep PyTorch's default eps (spec e.3)
-# the paper's CAM (spec a.7): gated by the last 3 blocks' class-to-patch attention, refined along
+ST_LN_EPS = 1e-5  # the clustering LayerNorms keep PyTorch's default eps (docs/method.md §e.3)
+# the paper's CAM (docs/method.md §a.7): gated by the last 3 blocks' class-to-patch attention, refined along
 # every block's patch-to-patch attention
 CAM_LAYERS = 3
 CAM_P2P_REFINE = True
@@ -81,7 +81,7 @@ def token_attention(
 def soft_kmeans(
     feats: torch.Tensor, grid: tuple[int, int], cell: tuple[int, int], n_iter: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group patch features into super tokens (spec a.3 steps 3-4).
+    """Group patch features into super tokens (docs/method.md §a.3 steps 3-4).
 
     ``feats`` (B,N,C) are patch features on a row-major ``grid`` (r,c). Returns the association
     (B,N,M) of the last iteration, computed *before* that iteration's update, and the updated super
@@ -103,7 +103,7 @@ def soft_kmeans(
 
 
 class ClusterAttention(nn.Module):
-    """Standard MHSA plus cluster-to-class attention over soft k-means super tokens (spec a.3)."""
+    """Standard MHSA plus cluster-to-class attention over soft k-means super tokens (docs/method.md §a.3)."""
 
     def __init__(self, cfg: ClusterCAMConfig):
         super().__init__()
@@ -218,13 +218,13 @@ class ClusterCAM(nn.Module):
         self.blocks = nn.ModuleList(
             (ClusterBlock if i >= first_st else PlainBlock)(cfg, rates[i]) for i in range(cfg.depth)
         )
-        self.norm = nn.LayerNorm(C, eps=cfg.norm_eps)  # loaded from DeiT, never applied (spec a.1)
+        self.norm = nn.LayerNorm(C, eps=cfg.norm_eps)  # loaded from DeiT, never applied (docs/method.md §a.1)
         self.head = nn.Conv2d(cfg.feature_channels, K, 3, padding=1)
         self.decoder = LargeFOV(cfg.feature_channels, K + 1, cfg.decoder_channels, cfg.decoder_dilation)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The authors' fresh init (spec b.2): timm ViT init for linears/norms, PyTorch's for convs."""
+        """The authors' fresh init (docs/method.md §b.2): timm ViT init for linears/norms, PyTorch's for convs."""
         trunc_normal_(self.cls_token, std=0.02)
         trunc_normal_(self.pos_embed, std=0.02)
         for m in self.modules():
@@ -245,7 +245,7 @@ class ClusterCAM(nn.Module):
         return x.shape[-2] // p, x.shape[-1] // p
 
     def interpolate_pos_embed(self, height: int, width: int) -> torch.Tensor:
-        """Positional embedding for an input of ``height`` x ``width`` pixels (spec a.1).
+        """Positional embedding for an input of ``height`` x ``width`` pixels (docs/method.md §a.1).
 
         The authors resample with ``scale_factor=(r+0.1)/G`` rather than ``size=r``; the sample
         positions (and so the values) differ, and checkpoints were trained with theirs.
@@ -318,7 +318,7 @@ class ClusterCAM(nn.Module):
         return self(x, task="segment")
 
     def cam(self, x: torch.Tensor, n_layers: int = CAM_LAYERS, p2p_refine: bool = CAM_P2P_REFINE) -> torch.Tensor:
-        """The ClusterCAM of spec a.7, (B,K,r,c), unnormalised and detached from the head."""
+        """The ClusterCAM of docs/method.md §a.7, (B,K,r,c), unnormalised and detached from the head."""
         return self(x, task="cam", n_layers=n_layers, p2p_refine=p2p_refine)
 
     def _cam(self, x: torch.Tensor, n_layers: int, p2p_refine: bool) -> torch.Tensor:

@@ -174,7 +174,7 @@ def export_model(
     extra: Mapping[str, Any] | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write DESIGN.md's model directory: ``model.safetensors`` then ``model.json`` (last).
+    """Write an exported model directory: ``model.safetensors`` then ``model.json`` (last).
 
     ``state_dict`` replaces ``model.state_dict()`` when the weights live elsewhere (e.g. a ZeRO-3
     consolidation); keys are the authors' names either way.
@@ -197,7 +197,7 @@ def export_model(
 
 
 def deit_to_clustercam(deit: Mapping[str, torch.Tensor], cfg: ClusterCAMConfig) -> dict[str, torch.Tensor]:
-    """Map an ImageNet DeiT/ViT state dict onto ClusterCAM keys (spec b.2).
+    """Map an ImageNet DeiT/ViT state dict onto ClusterCAM keys (docs/method.md §b.2).
 
     The single class token (and its position row) is repeated K times; each clustering block's
     four LayerNorms take DeiT's ``norm1``, both qkv projections DeiT's ``attn.qkv`` and both output
@@ -248,7 +248,7 @@ def deit_to_clustercam(deit: Mapping[str, torch.Tensor], cfg: ClusterCAMConfig) 
 
 
 def init_from_deit(model: ClusterCAM, src: str | Path | Mapping) -> list[str]:
-    """Load ImageNet DeiT weights into a freshly initialised model (non-strict, spec b.2).
+    """Load ImageNet DeiT weights into a freshly initialised model (non-strict, docs/method.md §b.2).
 
     Returns the model keys left at their fresh initialisation. A tensor whose shape differs from the
     model's is an error naming it (a wrong backbone size must not load silently).

@@ -5,14 +5,6 @@ A source works in two steps so that planning is cheap and the expensive part run
 and ``load(entry)`` - run inside the ingest task that owns the entry - reads the image bytes and the
 mask and settles the labels. Entries and sources are small and picklable, so a Ray task receives
 exactly the entries of its shard.
-
-Public API::
-
-    SourceConfig                                   # the ``source.*`` config keys
-    Entry(id, image, labels=None, extra=None)      # labels None: derived from the mask at load
-    BadEntry(code, reason)                         # raised by load() for an unusable input
-    Loaded(image, mask, labels)                    # what load() returns
-    build_source(cfg) -> Source                    # .class_names, .entries(), .load(entry)
 """
 
 from __future__ import annotations

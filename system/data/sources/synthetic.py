@@ -1,7 +1,7 @@
 """Deterministic photo-like scenes with exact masks, for tests, the demo and quality benchmarks.
 
 Each class differs from every other in colour (hues spread by the golden angle), shape and texture,
-so a tiny model can tell them apart from image-level tags in a few CPU minutes. Scenes put 1-3
+so a tiny model trained on a CPU can tell them apart from image-level tags. Scenes put 1-3
 objects at random scales (25-60 % of the side), positions and rotations on a muted, noisy
 background; later objects occlude earlier ones. An object that ends up mostly hidden keeps its
 visible pixels marked 255 (ignore) and gives no tag, so tags and masks always agree.
