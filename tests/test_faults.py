@@ -7,17 +7,23 @@ server killed and restarted under a running labelling job.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import ray
 
 from pipelines.fanout import fan_out
-from pipelines.stack import free_ports
+from pipelines.stack import free_ports, start_s3
+from system import storage
+from system.label.outputs import list_mask_keys
 from tests.commands import REPO
+from tests.test_label import export_tiny, synthetic_sample, write_dataset
 
 
 def _entry(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -69,3 +75,49 @@ def test_an_unreachable_object_store_exits_3_and_says_a_rerun_finishes(tmp_path)
 def test_a_config_error_exits_2(module):
     done = _entry(module, "no_such_key=1")
     assert done.returncode == 2 and "no_such_key" in done.stderr, done.stderr[-2000:]
+
+
+def _masks(output: str) -> set[str]:
+    return list_mask_keys(storage.join(output, "masks"))
+
+
+@pytest.mark.slow
+def test_s3_killed_and_restarted_under_a_labelling_job_never_leaves_it_incomplete_with_status_0(tmp_path):
+    folder = tmp_path / "s3"
+    server = start_s3(folder, buckets=("outage",))
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            for key, value in server.env().items():
+                env.setenv(key, value)
+            root = "s3://outage/job"
+            write_dataset(f"{root}/data", [synthetic_sample(i)[:2] for i in range(24)], shard_size=4)
+            model = export_tiny(f"{root}/model")
+            job_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+            args = [f"model={model}", f"data={root}/data", f"output={root}/out", "scales=[0.5,1.0,1.5]", "batch_size=1",
+                    "num_actors=1", "precision=fp32", "flush_every=4", "threads_per_actor=1"]
+            proc = subprocess.Popen([sys.executable, "-m", "pipelines.label", *args], cwd=REPO, env=job_env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            try:
+                deadline = time.monotonic() + 240
+                while len(_masks(f"{root}/out")) < 3:
+                    assert proc.poll() is None, proc.stdout.read()[-3000:]
+                    assert time.monotonic() < deadline, "the job wrote no masks in time"
+                    time.sleep(0.2)
+                os.killpg(server.pid, signal.SIGKILL)  # the server's whole session, as a crash would
+                time.sleep(6)
+                server = start_s3(folder, ports=server.ports)
+                out, _ = proc.communicate(timeout=420)
+            finally:
+                proc.kill()
+            rerun = None
+            if proc.returncode != 0:
+                assert proc.returncode == 3, out[-3000:]
+                assert "re-running the same command finishes it" in out.strip().splitlines()[-1]
+                rerun = subprocess.run([sys.executable, "-m", "pipelines.label", *args], cwd=REPO, env=job_env,
+                                       capture_output=True, text=True, timeout=420)
+                assert rerun.returncode == 0, rerun.stderr[-3000:]
+            job = json.loads(storage.get_bytes(f"{root}/out/label_job.json"))
+            assert job["complete"] and job["counts"]["failed"] == 0, job["failures"][:3]
+            assert _masks(f"{root}/out") == {synthetic_sample(i)[0] for i in range(24)}
+    finally:
+        server.stop()

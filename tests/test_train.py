@@ -42,8 +42,10 @@ def dataset(s3_bucket):
 
 
 def tiny_config(data: str, output: str, **overrides) -> TrainConfig:
-    """configs/tiny.yaml shrunk further; augmentation and drop path off so runs are comparable."""
+    """configs/tiny.yaml shrunk further; augmentation and drop path off and fp32 forced (``auto`` is bf16 on
+    CPUs with AMX or AVX512-BF16), so runs are comparable with the fp32 single-process reference."""
     base = {
+        "deepspeed.precision": "fp32",
         "model.num_classes": NUM_CLASSES,
         "model.decoder_channels": 32,
         "stream.batch_size": 2,
