@@ -139,7 +139,12 @@ def session_processes(sid: int, since: float) -> list[psutil.Process]:
             if os.getsid(proc.pid) == sid and proc.info["create_time"] >= since - 0.05:
                 found[proc.pid] = proc
                 found.update((child.pid, child) for child in proc.children(recursive=True))
-    return list(found.values())
+    alive = []
+    for proc in found.values():
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE:  # dead already, waiting for its parent to reap it
+                alive.append(proc)
+    return alive
 
 
 def _end_session(sid: int, since: float, sig: signal.Signals, grace_s: float = 10.0) -> None:
@@ -176,7 +181,8 @@ def _credentials(workdir: Path, create: bool = True) -> tuple[str, str]:
             creds = json.loads(path.read_text())["identities"][0]["credentials"][0]
             return creds["accessKey"], creds["secretKey"]
         except (ValueError, LookupError, TypeError) as e:
-            raise RuntimeError(f"{path}: not an identities file of this stack ({e!r}); delete it to get new credentials") from None
+            raise RuntimeError(f"{path}: not an identities file of this stack ({e!r}); "
+                               "delete it to get new credentials") from None
     if not create:
         raise RuntimeError(f"{path} is missing: the stack folder has no S3 credentials")
     access_key, secret_key = "cc" + secrets.token_hex(8), secrets.token_hex(20)
@@ -199,7 +205,8 @@ def _tls_files(tls: Path) -> None:
         if expires > now + datetime.timedelta(days=1):
             return
     _private_dir(tls)
-    valid = {"not_valid_before": now - datetime.timedelta(minutes=5), "not_valid_after": now + datetime.timedelta(days=825)}
+    valid = {"not_valid_before": now - datetime.timedelta(minutes=5),
+             "not_valid_after": now + datetime.timedelta(days=825)}
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "clustercam local stack CA")])
     ca = (x509.CertificateBuilder(subject_name=ca_name, issuer_name=ca_name, public_key=ca_key.public_key(),
@@ -213,7 +220,8 @@ def _tls_files(tls: Path) -> None:
                                     issuer_name=ca_name, public_key=key.public_key(),
                                     serial_number=x509.random_serial_number(), **valid)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
@@ -237,7 +245,8 @@ def _security_toml(path: Path) -> None:
                     section = section[part]
                 keys[name] = str(section["key"])
         except (tomllib.TOMLDecodeError, LookupError, TypeError) as e:
-            raise RuntimeError(f"{path}: not a security.toml of this stack ({e!r}); delete it to get new keys") from None
+            raise RuntimeError(f"{path}: not a security.toml of this stack ({e!r}); "
+                               "delete it to get new keys") from None
     cert, key, ca = 'cert = "tls/weed.crt"', 'key = "tls/weed.key"', 'ca = "tls/ca.crt"'
     lines = [line for name in _JWT_KEYS for line in (f"[{name}]", f'key = "{keys[name]}"')]
     lines += ["[access]", "ui = false", "[filer.expose_directory_metadata]", "enabled = false", "[grpc]", ca]
@@ -279,7 +288,7 @@ class S3Server:
         )
 
     def stop(self) -> None:
-        """SIGINT (weed mini shuts down cleanly in about 1 s), SIGKILL whatever of its session is left."""
+        """SIGINT (weed mini shuts down cleanly on it), SIGKILL whatever of its session is left."""
         _end_session(self.pid, self.started, signal.SIGINT)
         for sock in ("filer.sock", "s3.sock"):
             (Path(self.workdir) / sock).unlink(missing_ok=True)
@@ -291,7 +300,8 @@ class S3Server:
                 sock.unlink(missing_ok=True)
 
 
-def start_s3(workdir: str | Path, buckets: tuple[str, ...] = (), timeout_s: float = 60.0, detach: bool = False) -> S3Server:
+def start_s3(workdir: str | Path, buckets: tuple[str, ...] = (), timeout_s: float = 60.0,
+             detach: bool = False) -> S3Server:
     """Start ``weed mini`` with data, credentials, keys and certificates under ``workdir`` (reused when
     there from an earlier start); returns once S3 answers. Buckets that exist already are fine.
 
@@ -333,7 +343,8 @@ def start_s3(workdir: str | Path, buckets: tuple[str, ...] = (), timeout_s: floa
         except Exception:
             if time.monotonic() > deadline:
                 server.stop()
-                raise RuntimeError(f"weed mini did not answer within {timeout_s:.0f} s; see {workdir / 'weed.log'}") from None
+                raise RuntimeError(f"weed mini did not answer within {timeout_s:.0f} s; "
+                                   f"see {workdir / 'weed.log'}") from None
             time.sleep(0.3)
     try:
         for bucket in buckets:
@@ -383,7 +394,8 @@ def start_ray_head(workdir: str | Path, num_cpus: int = 2, memory_gb: float = 4.
         _write_private(token_path, secrets.token_hex(32))
     (port, client_port, manager_port, object_port, metrics_port, dashboard_port, agent_port, agent_grpc_port,
      runtime_env_port, autoscaler_metrics_port, dashboard_metrics_port) = free_ports(11)
-    env = dict(os.environ, **(env or {}), **_RAY_SINGLE_MACHINE, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path),
+    env = dict(os.environ, **(env or {}), **_RAY_SINGLE_MACHINE,
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path),
                # fixed defaults (44217, 44227) otherwise: a second head on the machine could not bind them
                AUTOSCALER_METRIC_PORT=str(autoscaler_metrics_port), DASHBOARD_METRIC_PORT=str(dashboard_metrics_port))
     cmd = [

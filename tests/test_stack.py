@@ -55,7 +55,8 @@ def listening(procs: list[psutil.Process]) -> set[tuple[str, int]]:
     found = set()
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
-            found |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+            found |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections("inet")
+                      if c.status == psutil.CONN_LISTEN}
     return found
 
 
@@ -162,8 +163,8 @@ def test_stack_start_env_job_and_stop(started):
     job_env = dict(os.environ, **env)
     job_env.pop("RAY_ADDRESS")
     code = "from system import storage; storage.put_bytes('s3://ccstack/hello.txt', b'hi')"
-    job = subprocess.run([RAY, "job", "submit", "--address", state["ray"]["dashboard"], "--", sys.executable, "-c", code],
-                         cwd=REPO, env=job_env, capture_output=True, text=True, timeout=180)
+    job = subprocess.run([RAY, "job", "submit", "--address", state["ray"]["dashboard"], "--", sys.executable, "-c",
+                          code], cwd=REPO, env=job_env, capture_output=True, text=True, timeout=180)
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
     check = "from system import storage; print(storage.get_bytes('s3://ccstack/hello.txt').decode())"
     assert subprocess.run([sys.executable, "-c", check], cwd=REPO, env=job_env, capture_output=True,
