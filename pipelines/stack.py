@@ -69,6 +69,7 @@ _GRPC_SERVICES = ("master", "volume", "filer", "s3", "admin", "worker", "client"
 _JWT_KEYS = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
 _RAY_IP = "127.0.0.1"
 _RAY_SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+_RAY_SESSION_SKIP = {"sockets", "runtime_resources"}
 
 
 def _port_free(port: int) -> bool:
@@ -301,18 +302,19 @@ class S3Server:
 
 
 def start_s3(workdir: str | Path, buckets: tuple[str, ...] = (), timeout_s: float = 60.0,
-             detach: bool = False) -> S3Server:
+             detach: bool = False, ports: dict[str, int] | None = None) -> S3Server:
     """Start ``weed mini`` with data, credentials, keys and certificates under ``workdir`` (reused when
     there from an earlier start); returns once S3 answers. Buckets that exist already are fine.
 
     ``detach`` (the command line's ``start``) lets the server outlive this process; otherwise it is
-    stopped when this process dies, however it dies."""
+    stopped when this process dies, however it dies. ``ports`` (an earlier server's) brings a server
+    back at the same endpoint, so clients that knew the old one carry on."""
     workdir = _private_dir(Path(workdir).resolve())
     (workdir / "data").mkdir(exist_ok=True)
     access_key, secret_key = _credentials(workdir)
     _tls_files(workdir / "tls")
     _security_toml(workdir / "security.toml")
-    ports = dict(zip(_WEED_SERVICES, free_ports(len(_WEED_SERVICES), grpc_pairs=True)))
+    ports = dict(ports or zip(_WEED_SERVICES, free_ports(len(_WEED_SERVICES), grpc_pairs=True)))
     cmd = [
         _weed_binary(), "mini",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
@@ -374,12 +376,20 @@ class RayHead:
 
     def stop(self) -> None:
         """End every process of the head's session (`ray stop` would kill every Ray on the machine), keep
-        its logs in ``logs_dir``, delete its temp dir."""
+        its session records in ``logs_dir``, delete its temp dir.
+
+        Kept: everything of each Ray session but its sockets and ``runtime_resources`` (unpacked job
+        code): logs, ports and metadata, what a person debugging a run (or a test looking for a leaked
+        secret) reads after the stack is gone."""
         _end_session(self.session, self.started, signal.SIGTERM)
         if self.logs_dir:
-            for logs in sorted(Path(self.temp_dir).glob("session_*/logs")):
-                if not logs.parent.is_symlink():  # session_latest
-                    shutil.move(str(logs), _private_dir(Path(self.logs_dir)) / logs.parent.name)
+            for session in sorted(Path(self.temp_dir).glob("session_*")):
+                if session.is_symlink() or not session.is_dir():  # session_latest
+                    continue
+                keep = _private_dir(Path(self.logs_dir)) / session.name
+                for item in session.iterdir():
+                    if item.name not in _RAY_SESSION_SKIP and not item.is_socket():
+                        shutil.move(str(item), keep / item.name)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

@@ -64,7 +64,7 @@ def demo(tmp_path_factory):
 
 @pytest.fixture
 def demo_s3(demo):
-    """The demo's S3 server brought back on its data (new credentials), for checking what it wrote;
+    """The demo's S3 server brought back on its data (and its credentials), for checking what it wrote;
     stopped after each test, since the demo itself starts one on the same folder."""
     workdir, _, _ = demo
     server = start_s3(workdir / "stack")
@@ -88,6 +88,22 @@ def test_demo_prints_the_summary_and_stops_what_it_started(demo):
     for name in ("contact_sheet", "label_job", "eval", "model_json", "history", "summary"):
         assert os.path.getsize(summary["local_copies"][name]) > 0, name
     assert Image.open(summary["local_copies"]["contact_sheet"]).format == "PNG"
+
+
+def test_no_ray_session_file_no_stored_object_and_no_output_holds_the_secret_key(demo):
+    """Ingest, training and labelling ran through the local stack: the key reached every process through
+    its node's environment only, so neither Ray's records (runtime envs, job infos, every log) nor the
+    object store's files nor the printed output may contain it."""
+    workdir, done, summary = demo
+    creds = json.loads((workdir / "stack" / "s3-identities.json").read_text())["identities"][0]["credentials"][0]
+    secret = creds["secretKey"].encode()
+    ray_records = workdir / "stack" / "ray-logs"
+    assert any(ray_records.glob("session_*/logs/runtime_env_agent.log")), "the Ray session's records were not kept"
+    searched = [p for root in (ray_records, workdir / "stack" / "data", workdir / "outputs")
+                for p in root.rglob("*") if p.is_file()]
+    assert len(searched) > 20
+    assert [str(p) for p in searched if secret in p.read_bytes()] == []
+    assert secret.decode() not in done.stdout + done.stderr
 
 
 def test_summary_scores_match_an_independent_baseline_and_the_eval_file(demo, demo_s3):

@@ -122,3 +122,11 @@ def test_readme_cluster_commands_run_with_ray_job_submit(ray_head, s3_root):
     assert model["steps"] == 2 and len(model["final_metrics"]["nodes"]) == 2
     job = json.loads(storage.get_bytes(s3_root + "/labels/synthetic/label_job.json"))
     assert job["complete"] and job["counts"]["masks"] == 12 and "seg" in job["eval"]
+    # the key reached the jobs through the nodes' environment only: not in the job API, nor in any file
+    # of the Ray session (runtime-env agent log, job infos, every worker's log)
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    listing = subprocess.run([RAY, "job", "list"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0 and "pipelines.label" in listing.stdout and secret not in listing.stdout
+    files = [p for d in ray_head.temp_dirs for p in Path(d).rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.name == "runtime_env_agent.log" for p in files)
+    assert [str(p) for p in files if secret.encode() in p.read_bytes()] == []

@@ -176,7 +176,7 @@ def test_stack_start_env_job_and_stop(started):
     assert not Path(state["ray"]["temp_dir"]).exists()
     assert weed_processes(state) == [] and ray_processes(state) == []
     assert not psutil.pid_exists(state["s3"]["pid"])
-    assert [p.name for p in (folder / "ray-logs").glob("session_*/raylet.out")] == ["raylet.out"]
+    assert [p.name for p in (folder / "ray-logs").glob("session_*/logs/raylet.out")] == ["raylet.out"]
 
 
 def test_a_stack_folder_starts_again_with_its_data_credentials_and_bucket(tmp_path):
