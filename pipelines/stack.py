@@ -389,7 +389,8 @@ class RayHead:
                 keep = _private_dir(Path(self.logs_dir)) / session.name
                 for item in session.iterdir():
                     if item.name not in _RAY_SESSION_SKIP and not item.is_socket():
-                        shutil.move(str(item), keep / item.name)
+                        with contextlib.suppress(FileNotFoundError):  # a port file Ray removes on its way out
+                            shutil.move(str(item), keep / item.name)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
