@@ -8,6 +8,10 @@
 - ``s3_root`` (function): a fresh ``s3://<bucket>/<test-name>-<random>`` prefix for one test.
 - ``ray_cluster`` (session): ``ray.init`` with 2 CPUs on 127.0.0.2, its own temp dir and auth token,
   started after ``s3_server`` so its workers inherit the S3 settings; shut down at the end.
+
+Tiers: a test that needs a Ray cluster, a local stack or a whole entry point is marked ``slow``
+(explicitly, or here by the fixtures it uses), so ``make test-fast`` (``-m "not slow"``) runs the unit
+tests alone and ``make test`` runs everything.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ import pytest
 from pipelines.stack import S3Server, start_s3
 
 TEST_BUCKET = "clustercam-test"
+_SLOW_FIXTURES = {"ray_cluster", "ray_head", "two_node_cluster", "started", "running", "demo"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ import pytest
 
 from pipelines.stack import is_loopback, session_processes
 
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
 
