@@ -220,4 +220,4 @@ def test_preflight_names_what_is_wrong(dataset, s3_root, s3_bucket, tmp_path):
     corrupt.write_bytes(buf.getvalue()[:200])
     with pytest.raises(PreflightError, match="weights: .*corrupt.pth"):
         preflight(tiny_config(dataset, s3_root, weights=str(corrupt)))
-    assert preflight(tiny_config(dataset, s3_root))["total_samples"] == 24
+    assert preflight(tiny_config(dataset, s3_root)).total_samples == 24
