@@ -80,7 +80,7 @@ def main() -> None:
             uri = "s3://bench/ds"
             build(uri, args.images, args.size, args.shard_size)
             data = jpegs(uri)
-            print(f"{len(data)} JPEGs of {args.size}x{args.size} in {len(read_dataset(uri)['shards'])} shards on "
+            print(f"{len(data)} JPEGs of {args.size}x{args.size} in {len(read_dataset(uri).shards)} shards on "
                   f"{server.endpoint}; crops {args.crop}, batch {args.batch}, {args.workers} loader workers")
             clock = CpuClock(exclude=(server.pid,))
 

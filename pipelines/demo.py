@@ -41,6 +41,7 @@ from pipelines.evaluate import EvaluateConfig, evaluate
 from pipelines.stack import start_ray_head, start_s3
 from system import storage
 from system.config import dump_yaml, option, parse_cli
+from system.data.shards import read_dataset
 from system.label.inputs import plan_inputs, unit_samples
 from system.masks import decode_mask
 from system.metrics import ConfusionMatrix
@@ -213,10 +214,8 @@ def _summary(cfg: DemoConfig, paths: Paths, result: dict, baseline: dict, second
     model = _json(run_uri + "/model/model.json")
     history = _history(run_uri)
     job = _json(paths.labels + "/label_job.json")
-    train_info = _json(paths.train_data + "/dataset.json")
-    heldout_info = _json(paths.heldout_data + "/dataset.json")
     tail = history[len(history) // 2:] or history
-    ingested = train_info["total_samples"] + heldout_info["total_samples"]
+    ingested = read_dataset(paths.train_data).total_samples + read_dataset(paths.heldout_data).total_samples
     ingest_s = (seconds["ingest train split"] or 0) + (seconds["ingest held-out split"] or 0)
     return {
         "miou": result["miou"],

@@ -23,7 +23,7 @@ from pipelines.fanout import fan_out
 from system import storage
 from system.config import dump_yaml, option, parse_cli, to_dict
 from system.data import ingest
-from system.data.shards import shard_name
+from system.data.shards import DatasetInfo, shard_name
 from system.data.sources import SourceConfig, build_source
 from system.data.validate import Verify
 from system.telemetry import Progress, ingest_metrics, start_metrics_server
@@ -51,8 +51,8 @@ class IngestConfig:
     metrics_addr: str = option("127.0.0.1", doc="address the metrics endpoint binds to (0.0.0.0 for a Prometheus on another host)")
 
 
-def run(cfg: IngestConfig) -> dict:
-    """Run the ingest; returns the content of ``dataset.json``."""
+def run(cfg: IngestConfig) -> DatasetInfo:
+    """Run the ingest; returns what it wrote to ``dataset.json``."""
     output = cfg.output.rstrip("/")
     if cfg.num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {cfg.num_workers}")
@@ -106,8 +106,8 @@ def run(cfg: IngestConfig) -> dict:
                              f"{shard_name(lost[0].unit)}: {lost[0].error}); dataset.json was not written")
     info = ingest.finalize(output, cfg.name or output.rsplit("/", 1)[-1], source.class_names, parts,
                            work.rejects, work.inputs, to_dict(cfg.source))
-    log.info("ingest: %d samples in %d shards, %d rejected (%s) -> %s", info["total_samples"], len(info["shards"]),
-             info["rejected"]["total"], info["rejected"]["by_code"], output)
+    log.info("ingest: %d samples in %d shards, %d rejected (%s) -> %s", info.total_samples, len(info.shards),
+             info.rejected.total, info.rejected.by_code, output)
     return info
 
 

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 from pipelines.entry import BadInput, Incomplete, run_main, setup_logging
 from system import storage
 from system.config import dump_yaml, parse_cli, to_dict
-from system.data.shards import read_dataset
+from system.data.shards import DatasetInfo, read_dataset
 from system.model import read_state_dict
 from system.training import TrainConfig, steps_per_epoch
 
@@ -29,25 +29,25 @@ class PreflightError(BadInput):
     """The run cannot start; the message names the input at fault."""
 
 
-def preflight(cfg: TrainConfig) -> dict:
+def preflight(cfg: TrainConfig) -> DatasetInfo:
     """Checks that need no cluster; returns the training dataset's ``dataset.json``."""
     try:
         storage.check_readable(cfg.data)
         info = read_dataset(cfg.data)
     except (FileNotFoundError, ValueError, storage.StorageError) as exc:
         raise PreflightError(f"data: {exc}") from exc
-    classes = len(info["classes"])
+    classes = len(info.classes)
     if classes != cfg.model.num_classes:
         raise PreflightError(
             f"data: {cfg.data} has {classes} classes but model.num_classes is {cfg.model.num_classes}"
         )
-    steps_per_epoch(cfg, info["total_samples"])
+    steps_per_epoch(cfg, info.total_samples)
     if cfg.validation.data:
         try:
             val = read_dataset(cfg.validation.data)
         except (FileNotFoundError, ValueError, storage.StorageError) as exc:
             raise PreflightError(f"validation.data: {exc}") from exc
-        if list(val["classes"]) != list(info["classes"]):
+        if val.classes != info.classes:
             raise PreflightError(f"validation.data: {cfg.validation.data} has other classes than {cfg.data}")
     try:
         storage.check_writable(cfg.run_uri())
@@ -93,7 +93,7 @@ def run(cfg: TrainConfig):
     storage_path, filesystem = run_storage(cfg)
     log.info(
         "training %s: %d samples, %d classes, %d workers x batch %d x accumulation %d = global batch %d -> %s",
-        cfg.run_name, info["total_samples"], len(info["classes"]), cfg.num_workers, cfg.stream.batch_size,
+        cfg.run_name, info.total_samples, len(info.classes), cfg.num_workers, cfg.stream.batch_size,
         cfg.schedule.grad_accum, cfg.global_batch, cfg.run_uri(),
     )
     trainer = TorchTrainer(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from system.data import ingest
+from system.data.shards import DatasetInfo
 from system.data.sources import SourceConfig, build_source
 
 
 def build_synthetic(uri: str, num_images: int, num_classes: int = 4, image_size: int = 48, shard_size: int = 4,
-                    seed: int = 3) -> dict:
+                    seed: int = 3) -> DatasetInfo:
     """Ingest synthetic scenes into ``uri`` in-process; returns its ``dataset.json``."""
     source = build_source(SourceConfig(format="synthetic", num_images=num_images, num_classes=num_classes,
                                        image_size=image_size, seed=seed))

@@ -17,7 +17,7 @@ from PIL import Image
 from pipelines.ingest import IngestConfig, run
 from system import storage
 from system.config import ConfigError, load_config
-from system.data.shards import escape_id, read_dataset
+from system.data.shards import DatasetInfo, escape_id, read_dataset
 from system.data.sources import SourceConfig
 from system.data.sources.voc import VOC_CLASSES
 from system.telemetry import REGISTRY
@@ -26,14 +26,14 @@ from tests import ingest_inputs as inputs
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def _ingest(output: str, shard_size: int = 4, **source) -> dict:
+def _ingest(output: str, shard_size: int = 4, **source) -> DatasetInfo:
     return run(IngestConfig(output=output, source=SourceConfig(**source), shard_size=shard_size,
                             num_workers=2, progress_every_s=0.0))
 
 
-def _check_counts(info: dict, samples: dict) -> None:
-    assert info["total_samples"] == len(samples) == sum(s["samples"] for s in info["shards"])
-    assert info["total_samples"] + info["rejected"]["total"] == info["inputs"]
+def _check_counts(info: DatasetInfo, samples: dict) -> None:
+    assert info.total_samples == len(samples) == sum(s.samples for s in info.shards)
+    assert info.total_samples + info.rejected.total == info.inputs
 
 
 def test_voc_layout_masks_and_xml_labels(tmp_path, s3_root):
@@ -41,8 +41,8 @@ def test_voc_layout_masks_and_xml_labels(tmp_path, s3_root):
     info = _ingest(s3_root, format="voc", path=str(tmp_path / "VOC2012"), split="train")
     samples = inputs.read_samples(s3_root)
     _check_counts(info, samples)
-    assert info["classes"] == VOC_CLASSES and info["total_samples"] == 10 and info["samples_with_masks"] == 5
-    assert [s["name"] for s in info["shards"]] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert info.classes == VOC_CLASSES and info.total_samples == 10 and info.samples_with_masks == 5
+    assert [s.name for s in info.shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     for sample_id, (classes, mask) in truth.items():
         sample = samples[escape_id(sample_id)]
         meta, got_mask, size = inputs.sample_truth(sample)
@@ -64,7 +64,7 @@ def test_voc_authors_label_file_and_id_list(tmp_path, s3_root):
     info = _ingest(s3_root, format="voc", path=str(root), ids_file=str(tmp_path / "train_aug_id.txt"),
                    labels_file=str(tmp_path / "cls_labels.npy"), masks=False)
     samples = inputs.read_samples(s3_root)
-    assert info["total_samples"] == 4 and info["samples_with_masks"] == 0
+    assert info.total_samples == 4 and info.samples_with_masks == 0
     for i in ids:
         meta = json.loads(samples[escape_id(i)]["json"])
         assert meta["labels"] == sorted(set(truth[i][0]) | {19}), "labels come from the .npy, not the masks"
@@ -75,8 +75,8 @@ def test_coco_tags_contiguous_classes_and_rasterised_masks(tmp_path, s3_root):
     info = _ingest(s3_root, format="coco", path=str(tmp_path / "coco"), split="train2017")
     samples = inputs.read_samples(s3_root)
     _check_counts(info, samples)
-    assert info["classes"] == [f"cat{c}" for c in sorted(cat_ids)]
-    assert info["rejected"]["by_code"] == {"no_labels": 1}
+    assert info.classes == [f"cat{c}" for c in sorted(cat_ids)]
+    assert info.rejected.by_code == {"no_labels": 1}
     order = {c: i for i, c in enumerate(sorted(cat_ids))}
     for sample_id, (classes, mask) in truth.items():
         if not classes:
@@ -96,7 +96,7 @@ def test_openimages_verified_positives_and_class_subset(tmp_path, s3_root):
                    classes=["Class 3", "/m/01x", "Class 0"])
     samples = inputs.read_samples(s3_root)
     _check_counts(info, samples)
-    assert info["classes"] == ["Class 3", "Class 1", "Class 0"]
+    assert info.classes == ["Class 3", "Class 1", "Class 0"]
     subset = {3: 0, 1: 1, 0: 2}
     for image_id, classes in truth.items():
         kept = sorted(subset[k] for k in classes if k in subset)
@@ -104,7 +104,7 @@ def test_openimages_verified_positives_and_class_subset(tmp_path, s3_root):
             assert escape_id(image_id) not in samples
         else:
             assert json.loads(samples[escape_id(image_id)]["json"])["labels"] == kept
-    assert info["rejected"]["by_code"] == {"no_labels": sum(1 for c in truth.values() if not set(c) & set(subset))}
+    assert info.rejected.by_code == {"no_labels": sum(1 for c in truth.values() if not set(c) & set(subset))}
 
 
 def test_manifest_on_s3_with_relative_and_s3_image_paths(s3_root):
@@ -121,10 +121,10 @@ def test_manifest_on_s3_with_relative_and_s3_image_paths(s3_root):
     info = _ingest(out, format="manifest", path=storage.join(s3_root, "in", "manifest.jsonl"))
     samples = inputs.read_samples(out)
     _check_counts(info, samples)
-    assert info["classes"] == sorted({n for names in truth.values() for n in names})
+    assert info.classes == sorted({n for names in truth.values() for n in names})
     for sample_id, names in truth.items():
         meta = json.loads(samples[escape_id(sample_id)]["json"])
-        assert meta["id"] == sample_id and [info["classes"][k] for k in meta["labels"]] == sorted(names)
+        assert meta["id"] == sample_id and [info.classes[k] for k in meta["labels"]] == sorted(names)
 
 
 def _encoded(array, fmt="JPEG", mode=None) -> bytes:
@@ -172,8 +172,8 @@ def test_bad_inputs_are_rejected_with_reasons_and_counts_add_up(tmp_path, s3_roo
                             shard_size=5, max_pixels=5000, progress_every_s=0.0))
     samples = inputs.read_samples(s3_root)
     rejects = [json.loads(line) for line in storage.get_bytes(storage.join(s3_root, "rejects.jsonl")).decode().splitlines()]
-    assert info["inputs"] == len(rows) + 1
-    assert info["total_samples"] + len(rejects) == info["inputs"] == info["total_samples"] + info["rejected"]["total"]
+    assert info.inputs == len(rows) + 1
+    assert info.total_samples + len(rejects) == info.inputs == info.total_samples + info.rejected.total
     got = {(r["id"], r["code"]) for r in rejects}
     expected = {(i, code) for i, _, _, _, code in rows if code} | {("", "malformed")}
     assert got == expected
@@ -205,8 +205,8 @@ def test_changed_settings_rewrite_the_affected_shards(tmp_path):
     _ingest(out, shard_size=5, format="synthetic", num_images=10, image_size=48)
     first = read_dataset(out)
     second = _ingest(out, shard_size=5, format="synthetic", num_images=10, image_size=56)
-    assert [s["sha256"] for s in first["shards"]] != [s["sha256"] for s in second["shards"]]
-    assert read_dataset(out)["source"]["image_size"] == 56
+    assert [s.sha256 for s in first.shards] != [s.sha256 for s in second.shards]
+    assert read_dataset(out).source["image_size"] == 56
 
 
 def test_killed_ingest_resumes_to_the_same_dataset(tmp_path, s3_root, ray_cluster):

@@ -17,7 +17,7 @@ from PIL import Image
 from system import storage
 from system.cam import multi_scale_cam, predict_probs
 from system.data.ingest import finalize
-from system.data.shards import escape_id, shard_name, write_tar
+from system.data.shards import DatasetInfo, escape_id, shard_name, write_tar
 from system.data.sources.synthetic import class_names as synthetic_names
 from system.data.sources.synthetic import render
 from system.label.config import LabelConfig
@@ -59,7 +59,8 @@ def synthetic_sample(i: int, size: int = 64) -> tuple[str, list[tuple[str, bytes
     return escape_id(meta["id"]), members, mask, classes
 
 
-def write_dataset(root: str, samples: list[tuple[str, list[tuple[str, bytes]]]], shard_size: int = 4, names=NAMES) -> dict:
+def write_dataset(root: str, samples: list[tuple[str, list[tuple[str, bytes]]]], shard_size: int = 4,
+                  names=NAMES) -> DatasetInfo:
     """A dataset in the ingest's exact format (shards, then dataset.json via ``finalize``)."""
     parts = []
     for index, start in enumerate(range(0, len(samples), shard_size)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
 
 import numpy as np
@@ -291,3 +292,64 @@ def test_csv_manifest_with_pipe_separated_labels_and_relative_paths(tmp_path):
     (tmp_path / "bad.csv").write_text("name,path\nx,y\n")
     with pytest.raises(ValueError, match="CSV header lacks"):
         build_source(SourceConfig(format="manifest", path=str(tmp_path / "bad.csv")))
+
+
+def _dataset_json() -> dict:
+    """A ``dataset.json`` as the ingest has always written it, keys in the file's order."""
+    return {
+        "format": shards.FORMAT_NAME,
+        "version": shards.FORMAT_VERSION,
+        "name": "voc-ü",
+        "classes": ["aeroplane", "bicycle"],
+        "shards": [{"name": "shard-000000.tar", "samples": 2, "bytes": 10240, "sha256": "ab" * 32},
+                   {"name": "shard-000001.tar", "samples": 1, "bytes": 5120, "sha256": "cd" * 32}],
+        "total_samples": 3,
+        "total_bytes": 15360,
+        "samples_with_masks": 1,
+        "inputs": 5,
+        "rejected": {"total": 2, "by_code": {"cmyk": 1, "no_labels": 1}},
+        "source": {"format": "voc", "path": "/data/VOC2012"},
+    }
+
+
+def test_dataset_record_writes_the_same_bytes_as_the_format_always_had():
+    raw = _dataset_json()
+    info = shards.DatasetInfo.from_json(raw)
+    assert info.classes == ["aeroplane", "bicycle"]
+    assert info.shards[1] == shards.ShardInfo("shard-000001.tar", 1, 5120, "cd" * 32)
+    assert info.rejected.by_code == {"cmyk": 1, "no_labels": 1} and info.extra == {}
+    assert info.encode() == (json.dumps(raw, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def test_keys_a_newer_version_added_are_kept_and_written_back(tmp_path):
+    raw = {**_dataset_json(), "languages": ["en"]}
+    (tmp_path / "dataset.json").write_text(json.dumps(raw, indent=1))
+    info = shards.read_dataset(str(tmp_path))
+    assert info.extra == {"languages": ["en"]}
+    assert json.loads(info.encode()) == raw and list(json.loads(info.encode())) == list(raw)
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda d: d.pop("classes"), "'classes' is missing"),
+    (lambda d: d.update(total_samples="3"), "'total_samples' must be int, got str"),
+    (lambda d: d.update(inputs=True), "'inputs' must be int, got bool"),
+    (lambda d: d.update(total_bytes=-1), "'total_bytes' must not be negative"),
+    (lambda d: d["shards"][1].pop("sha256"), r"shards\[1\]: field 'sha256' is missing"),
+    (lambda d: d["shards"].__setitem__(0, "shard-000000.tar"), r"shards\[0\]: must be an object"),
+    (lambda d: d["rejected"]["by_code"].update(cmyk="1"), r"rejected.by_code: field 'cmyk' must be int"),
+    (lambda d: d.update(classes=["a", 2]), "'classes' must be a list of strings"),
+    (lambda d: d.update(total_samples=4), "'total_samples' is 4 but the shards hold 3 samples"),
+    (lambda d: d.update(version=2), "unsupported dataset format 'clustercam-wds' v2"),
+])
+def test_a_malformed_dataset_json_is_an_error_naming_the_file_and_the_field(tmp_path, change, field):
+    raw = _dataset_json()
+    change(raw)
+    (tmp_path / "dataset.json").write_text(json.dumps(raw))
+    with pytest.raises(shards.DatasetFileError, match=f"{tmp_path / 'dataset.json'}: .*{field}"):
+        shards.read_dataset(str(tmp_path))
+
+
+def test_a_dataset_json_that_is_not_json_names_the_file(tmp_path):
+    (tmp_path / "dataset.json").write_text("{not json")
+    with pytest.raises(shards.DatasetFileError, match=f"{tmp_path / 'dataset.json'}: not valid JSON"):
+        shards.read_dataset(str(tmp_path))

@@ -149,7 +149,7 @@ def test_eval_loader_gives_aligned_masks_labels_and_keys(dataset):
             present = {int(v) - 1 for v in mask.unique() if 0 < v < 255}
             assert present == set(torch.nonzero(label).flatten().tolist())
         seen += len(batch["keys"])
-    assert seen == info["total_samples"]
+    assert seen == info.total_samples
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     restored = batch["images"][0] * std + mean
@@ -215,7 +215,7 @@ def test_persistent_read_errors_name_the_shard(dataset, monkeypatch):
 def test_s3_handler_is_registered_for_plain_webdataset(dataset):
     url = shard_uris(dataset, read_dataset(dataset))[0]
     samples = list(wds.WebDataset(url, shardshuffle=False, nodesplitter=wds.split_by_node))
-    assert len(samples) == read_dataset(dataset)["shards"][0]["samples"] and "jpg" in samples[0]
+    assert len(samples) == read_dataset(dataset).shards[0].samples and "jpg" in samples[0]
 
 
 def test_too_few_shards_without_resampling_is_a_clear_error(dataset):

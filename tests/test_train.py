@@ -78,7 +78,7 @@ def single_process_reference(cfg: TrainConfig) -> tuple[ClusterCAM, list[float]]
         p.grad = torch.zeros_like(p)
     scfg = stream_config(cfg, steps)
     losses = []
-    assert info["total_samples"] >= cfg.global_batch
+    assert info.total_samples >= cfg.global_batch
     for step in range(cfg.max_steps):
         epoch = step // steps
         if step % steps == 0:
@@ -151,7 +151,7 @@ def test_zero_stages_match_single_process_and_loss_falls(ray_cluster, dataset, s
     with torch.no_grad():
         for a, b in zip(exported(x), ref_model(x)):
             assert_rel(a, b, tol=1e-4)
-    assert exported.class_names == read_dataset(dataset)["classes"]
+    assert exported.class_names == read_dataset(dataset).classes
     assert len(set(rows[-1]["nodes"] if "nodes" in rows[-1] else result.metrics["nodes"])) == 1
 
 
@@ -220,4 +220,4 @@ def test_preflight_names_what_is_wrong(dataset, s3_root, s3_bucket, tmp_path):
     corrupt.write_bytes(buf.getvalue()[:200])
     with pytest.raises(PreflightError, match="weights: .*corrupt.pth"):
         preflight(tiny_config(dataset, s3_root, weights=str(corrupt)))
-    assert preflight(tiny_config(dataset, s3_root))["total_samples"] == 24
+    assert preflight(tiny_config(dataset, s3_root)).total_samples == 24

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
 
 import pytest
@@ -12,12 +13,16 @@ from timm.models.vision_transformer import VisionTransformer
 
 from system import storage
 from system.model import (
+    MODEL_SPECS,
     CheckpointError,
+    ClusterCAMConfig,
     build_clustercam,
+    build_model,
     export_model,
     infer_config,
     init_from_deit,
     load_clustercam,
+    recognise,
 )
 from tests.golden import authors_state_dict, golden
 
@@ -35,6 +40,7 @@ def _same_outputs(a, b, x) -> bool:
 def test_config_is_inferred_from_tensors(authors_sd):
     cfg = infer_config(authors_sd)
     assert cfg == {
+        "kind": "authors",
         "num_classes": 5,
         "embed_dim": 48,
         "depth": 12,
@@ -166,3 +172,54 @@ def test_imagenet_init_resamples_another_grid_and_rejects_another_width():
     wide = build_clustercam(num_classes=2, embed_dim=96, num_heads=6, img_size=64)
     with pytest.raises(CheckpointError, match="width 48"):
         init_from_deit(wide, deit)
+
+
+SMALL = {"num_classes": 3, "embed_dim": 48, "img_size": 64}
+
+
+@pytest.mark.parametrize("kind", sorted(MODEL_SPECS))
+def test_every_model_kind_recognises_exactly_its_own_checkpoints(kind):
+    keys = build_model(ClusterCAMConfig(kind=kind, **SMALL)).state_dict().keys()
+    assert [spec.kind for spec in MODEL_SPECS.values() if spec.recognises(keys)] == [kind]
+
+
+@pytest.mark.parametrize("kind", sorted(MODEL_SPECS))
+def test_every_model_kind_reads_its_config_off_its_tensors_and_survives_export(tmp_path, kind):
+    cfg = ClusterCAMConfig(kind=kind, **SMALL)
+    model = build_model(cfg).eval()
+    assert ClusterCAMConfig(**infer_config(model.state_dict())) == cfg
+    export_model(model, str(tmp_path / "model"))
+    assert json.loads((tmp_path / "model" / "model.json").read_text())["config"]["kind"] == kind
+    loaded = load_clustercam(str(tmp_path / "model"))
+    assert type(loaded) is type(model) and loaded.cfg == cfg
+    assert _same_outputs(model, loaded, torch.randn(1, 3, 64, 64))
+
+
+def test_an_imagenet_deit_checkpoint_is_no_model_kind():
+    assert recognise(_tiny_deit()) is None and recognise(_tiny_deit(distilled=True)) is None
+
+
+def test_an_export_without_a_recorded_kind_is_recognised_from_its_tensors(tmp_path):
+    model = build_clustercam(num_classes=2, embed_dim=48, img_size=64, n_iter=2).eval()
+    export_model(model, str(tmp_path / "model"))
+    meta_path = tmp_path / "model" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["kind"]  # exported before the field existed
+    meta_path.write_text(json.dumps(meta))
+    loaded = load_clustercam(str(tmp_path / "model"))
+    assert loaded.cfg == model.cfg and loaded.cfg.kind == "authors"
+
+
+def test_a_model_json_naming_an_unknown_kind_is_a_clear_error(tmp_path):
+    export_model(build_clustercam(num_classes=2, embed_dim=48, img_size=64), str(tmp_path / "model"))
+    meta_path = tmp_path / "model" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["kind"] = "scalable"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"model'?: unknown model kind 'scalable' \(known: authors\)"):
+        load_clustercam(str(tmp_path / "model"))
+
+
+def test_a_config_naming_an_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="kind 'scalable' is not a known model kind"):
+        ClusterCAMConfig(kind="scalable")

@@ -34,7 +34,7 @@ from system.data.shards import read_dataset
 from system.data.stream import eval_loader, train_loader
 from system.hardware import resolve_precision
 from system.metrics import ConfusionMatrix
-from system.model import ClusterCAM, export_model, init_from_deit, read_state_dict
+from system.model import ClusterCAM, export_model, init_from_deit, read_state_dict, recognise
 from system.optim import adamw, learning_rate, set_step_hyperparams
 from system.telemetry import Progress, start_metrics_server, train_metrics
 from system.training import (
@@ -95,9 +95,10 @@ def deepspeed_config(cfg: TrainConfig, precision: str) -> dict:
 
 
 def initial_weights(model: ClusterCAM, uri: str) -> None:
-    """An ImageNet DeiT checkpoint is mapped (docs/method.md §b.2); a ClusterCAM checkpoint loads strictly."""
+    """A checkpoint of a known model kind loads strictly; anything else is taken for ImageNet DeiT and
+    mapped (docs/method.md §b.2)."""
     sd = read_state_dict(uri)
-    if any(".st_attn." in k for k in sd):
+    if recognise(sd, uri) is not None:
         model.load_state_dict(sd, strict=True)
     else:
         init_from_deit(model, sd)
@@ -263,8 +264,8 @@ def train_loop_per_worker(config: dict) -> None:
     dist.all_gather_object(nodes, ray.util.get_node_ip_address())
 
     info = read_dataset(cfg.data)
-    class_names = list(info["classes"])
-    steps = steps_per_epoch(cfg, info["total_samples"])
+    class_names = list(info.classes)
+    steps = steps_per_epoch(cfg, info.total_samples)
     total_steps = cfg.schedule.epochs * steps
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)

@@ -22,7 +22,8 @@ from PIL import Image
 
 from system import storage
 from system.data.shards import (
-    DATASET_FILE, FORMAT_NAME, FORMAT_VERSION, REJECTS_FILE, UnsafeId, check_id, escape_id, shard_name, write_tar,
+    DATASET_FILE, FORMAT_NAME, FORMAT_VERSION, REJECTS_FILE, DatasetInfo, RejectCounts, ShardInfo, UnsafeId, check_id,
+    escape_id, shard_name, write_tar,
 )
 from system.data.sources import BadEntry, Entry, Source
 from system.data.validate import Verify, sample_members
@@ -149,25 +150,23 @@ def put_if_changed(uri: str, data: bytes) -> None:
 
 
 def finalize(output: str, name: str, class_names: list[str], parts: list[dict], plan_rejects: list[dict],
-             inputs: int, source_settings: dict) -> dict:
+             inputs: int, source_settings: dict) -> DatasetInfo:
     rejects = list(plan_rejects) + [r for part in parts for r in part["rejects"]]
     total = sum(p["samples"] for p in parts)
     if total + len(rejects) != inputs:
         raise RuntimeError(f"{output}: {total} ingested + {len(rejects)} rejected != {inputs} inputs")
     lines = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejects)
     put_if_changed(storage.join(output, REJECTS_FILE), lines.encode("utf-8"))
-    info = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "name": name,
-        "classes": class_names,
-        "shards": [{"name": p["name"], "samples": p["samples"], "bytes": p["bytes"], "sha256": p["sha256"]} for p in parts],
-        "total_samples": total,
-        "total_bytes": sum(p["bytes"] for p in parts),
-        "samples_with_masks": sum(p["masks"] for p in parts),
-        "inputs": inputs,
-        "rejected": {"total": len(rejects), "by_code": dict(sorted(Counter(r["code"] for r in rejects).items()))},
-        "source": source_settings,
-    }
-    put_if_changed(storage.join(output, DATASET_FILE), (json.dumps(info, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    info = DatasetInfo(
+        name=name,
+        classes=list(class_names),
+        shards=[ShardInfo(p["name"], p["samples"], p["bytes"], p["sha256"]) for p in parts],
+        total_samples=total,
+        total_bytes=sum(p["bytes"] for p in parts),
+        samples_with_masks=sum(p["masks"] for p in parts),
+        inputs=inputs,
+        rejected=RejectCounts(len(rejects), dict(sorted(Counter(r["code"] for r in rejects).items()))),
+        source=source_settings,
+    )
+    put_if_changed(storage.join(output, DATASET_FILE), info.encode())
     return info

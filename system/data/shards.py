@@ -15,6 +15,7 @@ mode 0444, ustar headers (pax records only for names over 100 bytes).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -233,19 +234,145 @@ def group_samples(files: Iterable[tuple[str, bytes]]) -> Iterator[dict]:
         yield sample
 
 
-def read_dataset(uri: str) -> dict:
+class DatasetFileError(ValueError):
+    """A ``dataset.json`` that cannot describe a dataset; the message names the file and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    """One line of ``dataset.json``'s ``shards``."""
+
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectCounts:
+    total: int
+    by_code: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """``dataset.json``: what makes a dataset exist, and everything a reader needs to know of it.
+
+    The file is a contract between versions: :meth:`to_json` writes the keys in the order of the
+    fields below, as the ingest always has. Keys that a newer version of the same format added are
+    not refused: they are kept in ``extra`` and written back after the known ones, so a reader only
+    relies on what it knows and a format change that old readers must not accept bumps ``version``.
+    """
+
+    name: str
+    classes: list[str]
+    shards: list[ShardInfo]
+    total_samples: int
+    total_bytes: int
+    samples_with_masks: int
+    inputs: int
+    rejected: RejectCounts
+    source: dict
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "format": self.format,
+            "version": self.version,
+            "name": self.name,
+            "classes": list(self.classes),
+            "shards": [dataclasses.asdict(s) for s in self.shards],
+            "total_samples": self.total_samples,
+            "total_bytes": self.total_bytes,
+            "samples_with_masks": self.samples_with_masks,
+            "inputs": self.inputs,
+            "rejected": {"total": self.rejected.total, "by_code": dict(self.rejected.by_code)},
+            "source": self.source,
+            **self.extra,
+        }
+
+    def encode(self) -> bytes:
+        """The file's bytes (indent 1, UTF-8, a final newline): equal content, equal bytes."""
+        return (json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: object, path: str = DATASET_FILE) -> "DatasetInfo":
+        """Check every field a reader relies on; a bad one is a ``DatasetFileError`` naming it."""
+        if not isinstance(data, dict):
+            raise DatasetFileError(f"{path}: not a JSON object")
+        if data.get("format") != FORMAT_NAME or data.get("version") != FORMAT_VERSION:
+            raise DatasetFileError(
+                f"{path}: unsupported dataset format {data.get('format')!r} v{data.get('version')!r}"
+            )
+        shards = [_shard(s, f"{path}: shards[{i}]") for i, s in enumerate(_field(data, "shards", list, path))]
+        rejected = _field(data, "rejected", dict, path)
+        by_code = _field(rejected, "by_code", dict, f"{path}: rejected")
+        for code in by_code:
+            _count(by_code, code, f"{path}: rejected.by_code")
+        classes = _field(data, "classes", list, path)
+        if not all(isinstance(c, str) for c in classes):
+            raise DatasetFileError(f"{path}: field 'classes' must be a list of strings")
+        info = cls(
+            name=_field(data, "name", str, path),
+            classes=classes,
+            shards=shards,
+            total_samples=_count(data, "total_samples", path),
+            total_bytes=_count(data, "total_bytes", path),
+            samples_with_masks=_count(data, "samples_with_masks", path),
+            inputs=_count(data, "inputs", path),
+            rejected=RejectCounts(_count(rejected, "total", f"{path}: rejected"), by_code),
+            source=_field(data, "source", dict, path),
+            extra={k: v for k, v in data.items() if k not in _KNOWN_KEYS},
+        )
+        if info.total_samples != sum(s.samples for s in shards):
+            raise DatasetFileError(
+                f"{path}: field 'total_samples' is {info.total_samples} but the shards hold "
+                f"{sum(s.samples for s in shards)} samples"
+            )
+        return info
+
+
+_KNOWN_KEYS = {f.name for f in dataclasses.fields(DatasetInfo)} - {"extra"}
+
+
+def _field(data: dict, key: str, kind: type, where: str):
+    if key not in data:
+        raise DatasetFileError(f"{where}: field {key!r} is missing")
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DatasetFileError(f"{where}: field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _shard(data: object, where: str) -> ShardInfo:
+    if not isinstance(data, dict):
+        raise DatasetFileError(f"{where}: must be an object, got {type(data).__name__}")
+    return ShardInfo(
+        _field(data, "name", str, where), _count(data, "samples", where), _count(data, "bytes", where),
+        _field(data, "sha256", str, where),
+    )
+
+
+def _count(data: dict, key: str, where: str) -> int:
+    value = _field(data, key, int, where)
+    if value < 0:
+        raise DatasetFileError(f"{where}: field {key!r} must not be negative, got {value}")
+    return value
+
+
+def read_dataset(uri: str) -> DatasetInfo:
     """``dataset.json`` of the dataset at ``uri``; a dataset without it does not exist (yet)."""
     path = storage.join(uri, DATASET_FILE)
     try:
-        info = json.loads(storage.get_bytes(path))
+        data = json.loads(storage.get_bytes(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri}: no {DATASET_FILE} (not a dataset, or its ingest has not finished)") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if info.get("format") != FORMAT_NAME or info.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported dataset format {info.get('format')!r} v{info.get('version')!r}")
-    return info
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetFileError(f"{path}: not valid JSON ({exc})") from None
+    return DatasetInfo.from_json(data, path)
 
 
-def shard_uris(uri: str, info: dict) -> list[str]:
-    return [storage.join(uri, shard["name"]) for shard in info["shards"]]
+def shard_uris(uri: str, info: DatasetInfo) -> list[str]:
+    return [storage.join(uri, shard.name) for shard in info.shards]

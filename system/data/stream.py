@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from system import storage
 from system.config import option
-from system.data.shards import group_samples, read_dataset, read_tar, shard_uris
+from system.data.shards import DatasetInfo, group_samples, read_dataset, read_tar, shard_uris
 from system.data.transforms import Augment, ImageTransform, decode_rgb, resize_mask
 from system.masks import decode_mask
 
@@ -80,10 +80,10 @@ class StreamConfig:
     retries: int = option(5, doc="attempts to read a shard when the connection breaks")
 
 
-def epoch_batches(info: dict, world_size: int, cfg: StreamConfig) -> int:
+def epoch_batches(info: DatasetInfo, world_size: int, cfg: StreamConfig) -> int:
     if cfg.epoch_batches > 0:
         return cfg.epoch_batches
-    return max(1, info["total_samples"] // (world_size * cfg.batch_size))
+    return max(1, info.total_samples // (world_size * cfg.batch_size))
 
 
 def shard_samples(url: str, retries: int = 5) -> Iterator[dict]:
@@ -301,7 +301,7 @@ def train_loader(dataset_uri: str, rank: int, world_size: int, cfg: StreamConfig
     prefetch = 4
     # one slot per batch a worker may have in flight, plus the one being finished
     slots = _BatchSlots(cfg.num_workers, prefetch + 1, cfg.batch_size, transform.item_layout()) if cfg.num_workers else None
-    stream = _TrainStream(urls, len(info["classes"]), rank, world_size, cfg, epoch, skip_batches, batches, transform,
+    stream = _TrainStream(urls, len(info.classes), rank, world_size, cfg, epoch, skip_batches, batches, transform,
                           slots)
     # An own generator: DataLoader otherwise draws its base seed from the caller's global torch RNG.
     generator = torch.Generator().manual_seed(_mix(cfg.seed, epoch, rank, 5))
@@ -349,6 +349,6 @@ def eval_loader(dataset_uri: str, batch_size: int, image_size: int, rank: int = 
                 num_workers: int = 0) -> Loader:
     info = read_dataset(dataset_uri)
     transform = ImageTransform("none", image_size)
-    stream = _EvalStream(shard_uris(dataset_uri, info), len(info["classes"]), batch_size, transform, rank, world_size)
+    stream = _EvalStream(shard_uris(dataset_uri, info), len(info.classes), batch_size, transform, rank, world_size)
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(0))
     return Loader(loader, transform, None)

@@ -13,7 +13,7 @@ import json
 from typing import Iterator
 
 from system import storage
-from system.data.shards import DATASET_FILE, UnsafeId, check_id, escape_id, read_dataset, shard_uris
+from system.data.shards import DATASET_FILE, DatasetInfo, UnsafeId, check_id, escape_id, read_dataset, shard_uris
 from system.data.sources import Entry, SourceConfig
 from system.data.sources.manifest import ManifestSource
 from system.data.stream import shard_samples
@@ -56,7 +56,7 @@ class InputPlan:
     units: list[Unit]
     class_names: list[str]
     kind: str  # "dataset" | "manifest"
-    info: dict
+    info: DatasetInfo | None  # None for a manifest
     total: int
     rejects: list[Reject]
 
@@ -88,9 +88,9 @@ def plan_inputs(data: str, model_classes: int | None, model_names: list[str] | N
     """
     if _is_dataset(data):
         info = read_dataset(data)
-        names = check_classes(model_classes, model_names, info["classes"], f"dataset {data}")
+        names = check_classes(model_classes, model_names, info.classes, f"dataset {data}")
         units = [Unit(i, uri) for i, uri in enumerate(shard_uris(data, info))]
-        return InputPlan(units, names, "dataset", info, int(info["total_samples"]), [])
+        return InputPlan(units, names, "dataset", info, info.total_samples, [])
     if not data.endswith((".jsonl", ".csv")):
         raise FileNotFoundError(f"data={data!r}: neither a dataset (no {DATASET_FILE}) nor a .jsonl/.csv manifest")
     storage.check_readable(data)
@@ -116,7 +116,7 @@ def plan_inputs(data: str, model_classes: int | None, model_names: list[str] | N
     if unknown:
         raise ClassMismatch(f"manifest {data}: labels {unknown[:10]} are not among the model's classes")
     units = [Unit(i, data, tuple(entries[s : s + chunk])) for i, s in enumerate(range(0, len(entries), chunk))]
-    return InputPlan(units, names, "manifest", {"classes": names}, len(entries) + len(rejects), rejects)
+    return InputPlan(units, names, "manifest", None, len(entries) + len(rejects), rejects)
 
 
 def _shard_sample(raw: dict, uri: str, class_index: dict[str, int]) -> Sample:

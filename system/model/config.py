@@ -11,6 +11,7 @@ from system.config import option
 class ClusterCAMConfig:
     """Defaults are the paper's DeiT-S model for PASCAL VOC (`deit_small_MCTformerV2_patch16_224`)."""
 
+    kind: str = option("authors", "network variant, a key of system.model.spec.MODEL_SPECS (authors = the paper's)")
     num_classes: int = option(20, "foreground classes K (VOC 20, COCO 80); one class token each")
     embed_dim: int = option(384, "token width C")
     depth: int = option(12, "number of transformer blocks")
@@ -31,6 +32,10 @@ class ClusterCAMConfig:
     decoder_dilation: int = option(5, "dilation of the LargeFOV 3x3 convolutions")
 
     def __post_init__(self) -> None:
+        from system.model.spec import MODEL_SPECS  # the registry builds networks from this module's configs
+
+        if self.kind not in MODEL_SPECS:
+            raise ValueError(f"kind {self.kind!r} is not a known model kind ({', '.join(MODEL_SPECS)})")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.embed_dim % self.num_heads:

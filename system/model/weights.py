@@ -1,8 +1,9 @@
 """Loading, exporting and ImageNet-initialising ClusterCAM weights.
 
 A checkpoint is data, never code: ``.pth`` files load with ``torch.load(weights_only=True)``, exported
-models are safetensors. The model config is read off the tensors so the authors' released
-checkpoints load without a config file.
+models are safetensors. An exported model's ``model.json`` says which kind of network it is and
+its config; without one (the authors' released checkpoints) the kind is recognised and the config
+read off the tensors (system/model/spec.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import dataclasses
 import io
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,14 +22,11 @@ from timm.layers import resample_abs_pos_embed
 
 from system.model.config import ClusterCAMConfig
 from system.model.network import ClusterCAM
+from system.model.spec import DEFAULT_KIND, MODEL_SPECS, CheckpointError, get_spec, recognise
 
 MODEL_FILE = "model.safetensors"
 MODEL_JSON = "model.json"
 EXPORT_FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit; the message names the source."""
 
 
 def _is_remote(src: str) -> bool:
@@ -93,73 +90,38 @@ def read_state_dict(src: str | Mapping) -> dict[str, torch.Tensor]:
     return _decode_tensors(_read_bytes(src), src)
 
 
-def _block_indices(sd: Mapping[str, torch.Tensor]) -> list[int]:
-    return sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
-
-
-def infer_config(sd: Mapping[str, torch.Tensor], name: str = "checkpoint") -> dict[str, Any]:
-    """Model shape read off the tensors: classes, width, depth, heads, patch, pos grid, ..."""
-    required = ("cls_token", "pos_embed", "patch_embed.proj.weight", "head.weight")
-    missing = [k for k in required if k not in sd]
-    if missing:
-        raise CheckpointError(f"{name} is not a ClusterCAM checkpoint: missing {', '.join(missing)}")
-    _, K, C = sd["cls_token"].shape
-    blocks = _block_indices(sd)
-    depth = len(blocks)
-    if blocks != list(range(depth)):
-        raise CheckpointError(f"{name}: block indices {blocks} are not contiguous from 0")
-    grid_cells = sd["pos_embed"].shape[1] - K
-    G = math.isqrt(grid_cells)
-    if G * G != grid_cells:
-        raise CheckpointError(f"{name}: pos_embed holds {grid_cells} patch rows, not a square grid")
-    patch = sd["patch_embed.proj.weight"].shape[-1]
-    attn_width = sd["head.weight"].shape[1] - C
-    if attn_width <= 0 or attn_width % (depth * K):
-        raise CheckpointError(
-            f"{name}: head input width {sd['head.weight'].shape[1]} is not {C} + depth*heads*{K}"
-        )
-    st_blocks = [i for i in blocks if f"blocks.{i}.st_attn.qkv.weight" in sd]
-    first = "blocks.0.st_attn.qkv.bias" if 0 in st_blocks else "blocks.0.attn.qkv.bias"
-    cfg = {
-        "num_classes": K,
-        "embed_dim": C,
-        "depth": depth,
-        "num_heads": attn_width // (depth * K),
-        "mlp_ratio": sd["blocks.0.mlp.fc1.weight"].shape[0] / C,
-        "patch_size": patch,
-        "img_size": G * patch,
-        "st_depth": None if len(st_blocks) == depth else len(st_blocks),
-        "qkv_bias": first in sd,
-    }
-    if "decoder.conv6.weight" in sd:
-        cfg["decoder_channels"] = sd["decoder.conv6.weight"].shape[0]
-    return cfg
-
-
 def load_clustercam(src: str | Path | Mapping, **overrides) -> ClusterCAM:
-    """A ClusterCAM in eval mode from a path, ``s3://`` URI, exported model dir or state dict.
+    """A network in eval mode from a path, ``s3://`` URI, exported model dir or state dict.
 
-    The config is inferred from the tensors (or read from an exported ``model.json``);
-    ``overrides`` set ClusterCAMConfig fields the tensors cannot tell (``grid``, ``n_iter``,
-    ``drop_path_rate``, ``decoder_dilation``). Loading is strict: every key must match.
+    Its kind is the one ``model.json`` names, else the one that recognises the tensors (the
+    authors' when none does, whose config reader then names what is missing). The config is read
+    off the tensors, then ``model.json``'s wins; ``overrides`` set ClusterCAMConfig fields the
+    tensors cannot tell (``grid``, ``n_iter``, ``drop_path_rate``, ``decoder_dilation``). Loading is
+    strict: every key must match.
     """
     meta: dict[str, Any] = {}
     if not isinstance(src, Mapping) and _is_model_dir(str(src)):
         meta = json.loads(_read_bytes(_join(str(src), MODEL_JSON)))
     sd = read_state_dict(src)
     name = "state dict" if isinstance(src, Mapping) else repr(str(src))
-    fields = {**infer_config(sd, name), **meta.get("config", {}), **overrides}
+    saved = meta.get("config", {})
+    kind = overrides.get("kind", saved.get("kind"))
+    try:
+        spec = get_spec(kind) if kind is not None else recognise(sd, name) or MODEL_SPECS[DEFAULT_KIND]
+    except ValueError as exc:
+        raise CheckpointError(f"{name}: {exc}") from exc
+    fields = {**spec.infer_config(sd, name), **saved, **overrides, "kind": spec.kind}
     if "grid" in fields:
         fields["grid"] = tuple(fields["grid"])
     try:
         cfg = ClusterCAMConfig(**fields)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{name}: {exc}") from exc
-    model = ClusterCAM(cfg)
+    model = spec.build(cfg)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{name} does not match the ClusterCAM layout: {exc}") from exc
+        raise CheckpointError(f"{name} does not match the {spec.kind} model's layout: {exc}") from exc
     model.class_names = meta.get("class_names")
     model.source_id = meta.get("run_id")
     model.cam_settings = meta.get("cam", {})  # how training made its CAMs: {"layers", "p2p_refine"}
@@ -174,7 +136,8 @@ def export_model(
     extra: Mapping[str, Any] | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write an exported model directory: ``model.safetensors`` then ``model.json`` (last).
+    """Write an exported model directory: ``model.safetensors`` then ``model.json`` (last), whose
+    ``config`` records the model's kind and every shape option, so loading it needs no guessing.
 
     ``state_dict`` replaces ``model.state_dict()`` when the weights live elsewhere (e.g. a ZeRO-3
     consolidation); keys are the authors' names either way.
