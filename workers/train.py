@@ -33,6 +33,7 @@ from system.config import from_dict
 from system.data.shards import read_dataset
 from system.data.stream import eval_loader, train_loader
 from system.hardware import resolve_precision
+from system.losses import Ranks, StepLossMean
 from system.metrics import ConfusionMatrix
 from system.model import ClusterCAM, export_model, init_from_deit, read_state_dict
 from system.optim import adamw, learning_rate, set_step_hyperparams
@@ -40,8 +41,8 @@ from system.telemetry import Progress, start_metrics_server, train_metrics
 from system.training import (
     TrainConfig,
     cam_labels,
-    compute_loss,
     in_seg_phase,
+    micro_batch_losses,
     step_seed,
     stream_config,
     steps_per_epoch,
@@ -232,17 +233,6 @@ def record_step(metrics, tag: str, row: dict, step_time: float, wait: float, sam
     metrics.memory_bytes.labels(tag).set(peak_memory_bytes(device))
 
 
-def global_losses(losses, seg_weight: float, world: int) -> dict:
-    """The step's losses over the whole global batch (every rank reports the same numbers)."""
-    parts = torch.stack([losses.cls, losses.pat]).detach().float()
-    if dist.is_initialized() and world > 1:
-        dist.all_reduce(parts)
-        parts /= world
-    cls, pat = parts.tolist()
-    seg = None if losses.seg is None else float(losses.seg)
-    return {"loss": cls + pat + (seg_weight * seg if seg is not None else 0.0), "loss_cls": cls, "loss_pat": pat, "loss_seg": seg}
-
-
 def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(TrainConfig, config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -261,6 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     nodes = [None] * world
     dist.all_gather_object(nodes, ray.util.get_node_ip_address())
+    ranks = Ranks.of_process_group()
 
     info = read_dataset(cfg.data)
     class_names = list(info["classes"])
@@ -303,23 +294,25 @@ def train_loop_per_worker(config: dict) -> None:
             set_step_hyperparams(optimizer, lr, in_seg_phase(cfg.schedule, epoch))
             t_step = time.perf_counter()
             wait = 0.0
+            step_losses = StepLossMean(cfg.schedule.seg_loss_weight, ranks)
             for micro in range(accum):
                 t_data = time.perf_counter()
                 images, labels = next(batches)
                 wait += time.perf_counter() - t_data
                 torch.manual_seed(step_seed(cfg.seed, rank, position.global_step * accum + micro))
-                losses = compute_loss(
-                    engine, engine.module, images.to(device, dtype), labels.to(device), epoch, cfg.schedule, world
+                losses = micro_batch_losses(
+                    engine, engine.module, images.to(device, dtype), labels.to(device), epoch, cfg.schedule, ranks
                 )
                 engine.backward(losses.total)
                 engine.step()
+                step_losses.add(losses)
             step_time = time.perf_counter() - t_step
             position = Position(epoch, position.step_in_epoch + 1, position.global_step + 1)
             samples = cfg.stream.batch_size * accum
             row = {
                 "epoch": epoch,
                 "step": position.global_step,
-                **global_losses(losses, cfg.schedule.seg_loss_weight, world),
+                **step_losses.result(),
                 "lr": lr,
                 "samples_per_s": samples * world / step_time,
                 "data_wait_s": wait,
