@@ -18,6 +18,7 @@ import torch
 from system.cam import CAM_LAYERS, CAM_P2P_REFINE, multi_scale_cam
 from system.config import option
 from system.data.stream import StreamConfig
+from system.hardware import Precision
 from system.losses import ONE_PROCESS, SEG_LOSS_WEIGHT, Losses, Ranks, clustercam_loss
 from system.model import ClusterCAM, ClusterCAMConfig
 from system.optim import OptimConfig
@@ -68,7 +69,7 @@ class ValidationConfig:
 
 @dataclasses.dataclass
 class DeepSpeedConfig:
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+    precision: Precision = option(
         "auto", "auto = bf16 on GPUs and bf16-native CPUs, fp32 elsewhere; fp16 (GPU) uses loss scaling"
     )
     offload_optimizer: bool = option(False, "ZeRO-Offload: optimizer states and step on the CPU (zero_stage 1-3)")

@@ -32,7 +32,7 @@ from system.cam import predict_probs
 from system.config import from_dict
 from system.data.shards import read_dataset
 from system.data.stream import eval_loader, train_loader
-from system.hardware import resolve_precision
+from system.hardware import Resolved, resolve_precision
 from system.losses import Ranks, StepLossMean
 from system.metrics import ConfusionMatrix
 from system.model import ClusterCAM, export_model, init_from_deit, read_state_dict
@@ -69,7 +69,7 @@ class Position:
         return self
 
 
-def deepspeed_config(cfg: TrainConfig, precision: str) -> dict:
+def deepspeed_config(cfg: TrainConfig, precision: Resolved) -> dict:
     ds = cfg.deepspeed
     zero: dict = {"stage": cfg.zero_stage}
     if ds.offload_optimizer:
@@ -83,8 +83,8 @@ def deepspeed_config(cfg: TrainConfig, precision: str) -> dict:
         # DeepSpeed silently clips at 1.0 unless told; the authors do not clip
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},
+        "bf16": {"enabled": precision.name == "bf16"},
+        "fp16": {"enabled": precision.name == "fp16"},
         # our torch AdamW, not FusedAdam / DeepSpeedCPUAdam and their JIT builds
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -244,7 +244,7 @@ def train_loop_per_worker(config: dict) -> None:
         # the worker owns cpus_per_worker cores; torch would otherwise follow OMP_NUM_THREADS from Ray
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     precision = resolve_precision(cfg.deepspeed.precision, device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = precision.dtype
 
     # only DeepSpeed's inference uses this op, and its JIT build takes over a minute on CPU
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
