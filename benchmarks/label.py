@@ -103,7 +103,7 @@ def model_only(model, batch_size: int, precision: str, repeats: int = 5) -> floa
     """Images/s of the five-scale forward alone: how far the decode/encode pipeline is from the device's pace."""
     device = next(model.parameters()).device
     x = torch.randn(batch_size, 3, H, W, device=device)
-    with torch.no_grad(), hardware.autocast(precision, device):
+    with torch.no_grad(), hardware.autocast(hardware.resolve_precision(precision, device), device):
         predict_probs(model, x, INFER_SCALES)
         synchronize(device)
         start = time.perf_counter()

@@ -37,7 +37,7 @@ from benchmarks.naive import (
 )
 from benchmarks.pretrain import scenes
 from system.cam import multi_scale_cam, predict_probs
-from system.hardware import autocast
+from system.hardware import autocast, resolve_precision
 from system.label.infer import to_input
 from system.losses import clustercam_loss
 from system.model import build_clustercam, read_state_dict
@@ -85,7 +85,7 @@ def agreement_labels(model, data: tuple[torch.Tensor, torch.Tensor], precision: 
     """Eval-mode pseudo labels of every image, BATCH at a time, for the bf16-vs-fp32 comparison."""
     model.eval()
     out = []
-    with torch.no_grad(), autocast(precision, data[0].device):
+    with torch.no_grad(), autocast(resolve_precision(precision, data[0].device), data[0].device):
         for x, labels in zip(data[0].split(BATCH), data[1].split(BATCH)):
             out.append(pseudo_labels(denormalize(x), multi_scale_cam(model, x), labels))
     return torch.cat(out)
@@ -100,7 +100,7 @@ def train_step_fn(impl: str, model, x, labels, pseudo, precision):
     model.train()
 
     def step():
-        with autocast(precision, x.device):
+        with autocast(resolve_precision(precision, x.device), x.device):
             if impl == "ours":
                 out = model(x)
                 loss = clustercam_loss(out.cls_logits, out.pat_logits, labels, out.segs, pseudo).total
@@ -116,7 +116,7 @@ def train_step_fn(impl: str, model, x, labels, pseudo, precision):
 def cam_fn(impl: str, model, x, labels, precision, out: dict):
     def run():
         model.train()  # the authors make training CAMs in train mode
-        with autocast(precision, x.device):
+        with autocast(resolve_precision(precision, x.device), x.device):
             if impl == "ours":
                 cams = multi_scale_cam(model, x, (1.0, 0.75, 1.25))
                 out[impl] = pseudo_labels(denormalize(x), cams, labels)
@@ -132,7 +132,7 @@ def cam_fn(impl: str, model, x, labels, precision, out: dict):
 def infer_fn(impl: str, model, image, precision, out: dict):
     def run():
         model.eval()
-        with autocast(precision, image.device):
+        with autocast(resolve_precision(precision, image.device), image.device):
             probs = predict_probs(model, image) if impl == "ours" else naive_predict_probs(model, image)
         out[impl] = probs.argmax(dim=1)
 

@@ -29,7 +29,7 @@ from system.config import load_config
 from system.data.stream import train_loader
 from system.model import ClusterCAM
 from system.optim import adamw, learning_rate, set_step_hyperparams
-from system.training import TrainConfig, compute_loss, in_seg_phase, stream_config
+from system.training import TrainConfig, in_seg_phase, micro_batch_losses, stream_config
 from tests.datasets import build_synthetic
 
 
@@ -65,7 +65,7 @@ def plain_step_times(cfg: TrainConfig, threads: int) -> list[float]:
         images, labels = next(batches)
         lr = learning_rate(cfg.optim, cfg.global_batch, cfg.schedule.epochs, cfg.max_steps, step)
         set_step_hyperparams(optimizer, lr, in_seg_phase(cfg.schedule, 0))
-        loss = compute_loss(model, model, images, labels, 0, cfg.schedule).total
+        loss = micro_batch_losses(model, model, images, labels, 0, cfg.schedule).total
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.entry import EXIT_INCOMPLETE, Incomplete, run_main, setup_logging
+from pipelines.entry import EXIT_INCOMPLETE, Incomplete, run_main
 from pipelines.evaluate import EvaluateConfig, evaluate
 from pipelines.stack import start_ray_head, start_s3
 from system import storage
@@ -45,6 +45,7 @@ from system.data.shards import read_dataset
 from system.label.inputs import plan_inputs, unit_samples
 from system.masks import decode_mask
 from system.metrics import ConfusionMatrix
+from system.telemetry import setup_logging
 
 log = logging.getLogger("pipelines.demo")
 BUCKET = "clustercam"

@@ -14,7 +14,6 @@ so ``ray job submit``, Kubernetes and shell scripts can branch on the status alo
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Callable
 
@@ -29,10 +28,6 @@ class BadInput(Exception):
 
 class Incomplete(Exception):
     """The run stopped with work left; the message says what is missing."""
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
 
 def run_main(prog: str, body: Callable[[], object], bad_input: tuple[type[BaseException], ...] = ()) -> None:

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from pipelines.entry import run_main, setup_logging
+from pipelines.entry import run_main
 from system import storage
 from system.config import option, parse_cli
 from system.label.inputs import ClassMismatch, Unit, plan_inputs, unit_samples
@@ -29,6 +29,7 @@ from system.label.config import MaskFormat
 from system.masks import decode_mask, mask_codec
 from system.metrics import ConfusionMatrix
 from system.refine import IGNORE_INDEX
+from system.telemetry import setup_logging
 
 log = logging.getLogger("pipelines.evaluate")
 

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pipelines.cluster import start_ray
-from pipelines.entry import Incomplete, run_main, setup_logging
+from pipelines.entry import Incomplete, run_main
 from pipelines.fanout import fan_out
 from system import storage
 from system.config import dump_yaml, option, parse_cli, to_dict
@@ -26,7 +26,7 @@ from system.data import ingest
 from system.data.shards import DatasetInfo, shard_name
 from system.data.sources import SourceConfig, build_source
 from system.data.validate import Verify
-from system.telemetry import Progress, ingest_metrics, start_metrics_server
+from system.telemetry import ingest_metrics, Progress, setup_logging, start_metrics_server
 
 log = logging.getLogger("pipelines.ingest")
 

@@ -30,7 +30,7 @@ import uuid
 from PIL import Image
 
 from pipelines.cluster import start_ray
-from pipelines.entry import Incomplete, run_main, setup_logging
+from pipelines.entry import Incomplete, run_main
 from pipelines.fanout import fan_out
 from system import storage
 from system.config import dump_yaml, parse_cli, to_dict
@@ -41,7 +41,7 @@ from system.label.outputs import FAILURES_DIR, JOB_FILE, PREVIEWS_DIR, finalize_
 from system.label.previews import contact_sheet, png_bytes
 from system.model import CheckpointError, load_clustercam
 from system.rejects import Reject
-from system.telemetry import Progress, label_metrics, start_metrics_server
+from system.telemetry import label_metrics, Progress, setup_logging, start_metrics_server
 
 log = logging.getLogger("pipelines.label")
 UNITS_PER_ACTOR = 2

@@ -15,12 +15,13 @@ import logging
 import os
 from urllib.parse import urlparse
 
-from pipelines.entry import BadInput, Incomplete, run_main, setup_logging
+from pipelines.entry import BadInput, Incomplete, run_main
 from system import storage
 from system.config import dump_yaml, parse_cli, to_dict
 from system.data.shards import DatasetInfo, read_dataset
 from system.model import read_state_dict
 from system.training import TrainConfig, steps_per_epoch
+from system.telemetry import setup_logging
 
 log = logging.getLogger("clustercam.train")
 

@@ -3,17 +3,37 @@
 bf16 autocast is a large win on GPUs and on CPUs with native bf16 instructions (AVX512-BF16, AMX),
 and a large loss elsewhere: without them PyTorch emulates bf16 matmuls, many times slower than fp32.
 So "auto" picks bf16 only where it is native.
+
+``Precision`` is what a config asks for; ``resolve_precision`` turns it into the ``Resolved``
+precision of one device (its name, dtype and autocast context), the one form training and
+labelling use.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from functools import lru_cache
 from typing import Literal
 
 import torch
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """A concrete precision: ``name`` is fp32, bf16 or fp16."""
+
+    name: Literal["fp32", "bf16", "fp16"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.name]
+
+    def __str__(self) -> str:
+        return self.name
 
 
 @lru_cache(maxsize=1)
@@ -37,19 +57,19 @@ def native_bf16(device: torch.device | str) -> bool:
     return cpu_has_native_bf16()
 
 
-def resolve_precision(precision: Precision, device: torch.device | str) -> Literal["fp32", "bf16", "fp16"]:
+def resolve_precision(precision: Precision, device: torch.device | str) -> Resolved:
     """``auto`` → bf16 where it is native on ``device``, else fp32; explicit choices pass through."""
+    if precision not in ("auto", *_DTYPES):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
+        return Resolved("bf16" if native_bf16(device) else "fp32")
     if precision == "fp16" and torch.device(device).type != "cuda":
         raise ValueError("fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    return precision
+    return Resolved(precision)
 
 
-def autocast(precision: str, device: torch.device | str):
-    """The autocast context for a resolved precision (a no-op for fp32)."""
-    device = torch.device(device)
-    if precision == "fp32":
+def autocast(precision: Resolved, device: torch.device | str):
+    """The autocast context of a resolved precision (a no-op for fp32)."""
+    if precision.name == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=precision.dtype)

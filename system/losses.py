@@ -1,15 +1,19 @@
-"""The single-stage objective (docs/method.md §b.3 steps 4-5, §b.8).
+"""The single-stage objective (docs/method.md §b.3 steps 4-5, §b.8): the one loss that training,
+tests and benchmarks all compute.
 
-The segmentation loss is written as sums and pixel counts so a distributed trainer can all-reduce
-the counts and weight every pixel of the global batch equally, as the authors' single-process
-DataParallel run does (docs/method.md §e.19); with one process the two forms are the same number.
+The segmentation loss is written as sums and pixel counts, and ``clustercam_loss`` takes the counts
+summed over the ranks that share a global batch (``Ranks``): every pixel of the global batch then
+weighs the same, as in the authors' single-process DataParallel run (docs/method.md §e.19). With one
+process (``ONE_PROCESS``) the two forms are the same number.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Callable, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from system.refine import IGNORE_INDEX
@@ -25,10 +29,38 @@ class SegLossTerms(NamedTuple):
 
 
 class Losses(NamedTuple):
-    total: torch.Tensor
-    cls: torch.Tensor
+    total: torch.Tensor  # what to backpropagate on this rank
+    cls: torch.Tensor  # this rank's classification losses (detached, for reporting)
     pat: torch.Tensor
-    seg: torch.Tensor | None
+    seg: torch.Tensor | None  # the global batch's segmentation loss (detached); None before the seg phase
+
+
+def _local_sum(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _process_group_sum(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """The ranks that share a global batch: how many, and the sum of a tensor over them."""
+
+    size: int = 1
+    sum: Callable[[torch.Tensor], torch.Tensor] = _local_sum
+
+    @classmethod
+    def of_process_group(cls) -> "Ranks":
+        """The default torch.distributed group, or one process when none is initialised."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return cls(dist.get_world_size(), _process_group_sum)
+        return ONE_PROCESS
+
+
+ONE_PROCESS = Ranks()
 
 
 def multilabel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -51,15 +83,19 @@ def seg_loss_terms(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     )
 
 
-def seg_loss_from_terms(terms: SegLossTerms) -> torch.Tensor:
-    """0.5 * (mean background CE + mean foreground CE); a side with no pixels contributes 0."""
-    bg = torch.where(terms.bg_count > 0, terms.bg_sum / terms.bg_count.clamp_min(1), terms.bg_sum * 0)
-    fg = torch.where(terms.fg_count > 0, terms.fg_sum / terms.fg_count.clamp_min(1), terms.fg_sum * 0)
-    return 0.5 * (bg + fg)
+def seg_loss_from_terms(terms: SegLossTerms, bg_count: torch.Tensor, fg_count: torch.Tensor) -> torch.Tensor:
+    """0.5 * (bg CE sum / bg count + fg CE sum / fg count); a side with no pixels adds 0.
+
+    The counts are the global batch's (summed over ranks), so this rank's share of the loss sums
+    over ranks to the global batch's loss.
+    """
+    return 0.5 * (terms.bg_sum / bg_count.clamp_min(1) + terms.fg_sum / fg_count.clamp_min(1))
 
 
 def seg_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    return seg_loss_from_terms(seg_loss_terms(logits, labels, ignore_index))
+    """The segmentation loss of one batch on its own (one process)."""
+    terms = seg_loss_terms(logits, labels, ignore_index)
+    return seg_loss_from_terms(terms, terms.bg_count, terms.fg_count)
 
 
 def upsample_segs(segs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -73,11 +109,48 @@ def clustercam_loss(
     segs: torch.Tensor | None = None,
     pseudo: torch.Tensor | None = None,
     seg_weight: float = SEG_LOSS_WEIGHT,
+    ranks: Ranks = ONE_PROCESS,
 ) -> Losses:
-    """L = L_cls + L_pat (+ 0.1 L_seg once pseudo labels exist); ``segs`` at decoder resolution."""
+    """L = L_cls + L_pat (+ ``seg_weight`` L_seg once pseudo labels exist); ``segs`` at decoder resolution.
+
+    The pixel counts are summed over ``ranks`` before they divide, and the factor ``ranks.size`` on
+    this rank's segmentation term undoes the gradient averaging of data parallelism.
+    """
     cls = multilabel_loss(cls_logits, labels)
     pat = multilabel_loss(pat_logits, labels)
     if segs is None or pseudo is None:
-        return Losses(cls + pat, cls, pat, None)
-    seg = seg_loss(upsample_segs(segs, tuple(pseudo.shape[-2:])), pseudo)
-    return Losses(cls + pat + seg_weight * seg, cls, pat, seg)
+        return Losses(cls + pat, cls.detach(), pat.detach(), None)
+    terms = seg_loss_terms(upsample_segs(segs, tuple(pseudo.shape[-2:])), pseudo)
+    counts = ranks.sum(torch.stack([terms.bg_count, terms.fg_count]).detach())
+    local = seg_loss_from_terms(terms, counts[0], counts[1])
+    total = cls + pat + seg_weight * ranks.size * local
+    return Losses(total, cls.detach(), pat.detach(), ranks.sum(local.detach()))
+
+
+class StepLossMean:
+    """The losses a step reports: the mean over its micro-batches and over the ranks.
+
+    ``cls`` and ``pat`` are per rank and averaged over ``ranks``; ``seg`` is already the global
+    batch's. Every rank reports the same numbers.
+    """
+
+    def __init__(self, seg_weight: float, ranks: Ranks = ONE_PROCESS):
+        self.seg_weight, self.ranks = seg_weight, ranks
+        self.parts: list[torch.Tensor] = []
+        self.segs: list[float] = []
+
+    def add(self, losses: Losses) -> None:
+        self.parts.append(torch.stack([losses.cls, losses.pat]).detach().float())
+        if losses.seg is not None:
+            self.segs.append(float(losses.seg))
+
+    def result(self) -> dict[str, float | None]:
+        if not self.parts:
+            raise ValueError("no micro-batch losses were added to the step")
+        parts = torch.stack(self.parts).mean(dim=0)
+        if self.ranks.size > 1:
+            parts = self.ranks.sum(parts) / self.ranks.size
+        cls, pat = parts.tolist()
+        seg = sum(self.segs) / len(self.segs) if self.segs else None
+        total = cls + pat + (self.seg_weight * seg if seg is not None else 0.0)
+        return {"loss": total, "loss_cls": cls, "loss_pat": pat, "loss_seg": seg}

@@ -1,4 +1,4 @@
-"""Prometheus metrics and progress lines shared by every job.
+"""Prometheus metrics, progress lines and the one logging set-up shared by every job.
 
 Metric names follow one pattern: ``clustercam_<what>_<unit>``. Each process (a training worker, a
 labelling actor, the ingest driver) exposes its own registry on its own port, on loopback unless
@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def setup_logging() -> None:
+    """The one log format of every entry point and Ray worker: time, logger, message."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
 
 def start_metrics_server(port: int, addr: str = "127.0.0.1") -> int:

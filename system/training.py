@@ -1,24 +1,25 @@
 """The single-stage ClusterCAM training recipe, independent of Ray and DeepSpeed.
 
-``TrainConfig`` is the whole run config (what ``python -m pipelines.train`` parses); ``compute_loss``
+``TrainConfig`` is the whole run config (what ``python -m pipelines.train`` parses); ``micro_batch_losses``
 is one micro-batch of docs/method.md §b.3: classification phase, or - from ``seg_start_epoch`` - multi-scale
-CAMs -> PAR pseudo labels -> segmentation loss. The distributed worker (workers/train.py) and a
-plain single-process loop (tests, benchmarks) both call it, which is what makes them comparable.
+CAMs -> PAR pseudo labels -> segmentation loss, scored by the one objective in ``system.losses``. The
+distributed worker (workers/train.py) and a plain single-process loop (tests, benchmarks) both call
+it, which is what makes them comparable.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, Literal
 
 import torch
-import torch.distributed as dist
 
 from system.cam import CAM_LAYERS, CAM_P2P_REFINE, multi_scale_cam
 from system.config import option
 from system.data.stream import StreamConfig
-from system.losses import SEG_LOSS_WEIGHT, SegLossTerms, multilabel_loss, seg_loss_terms, upsample_segs
+from system.hardware import Precision
+from system.losses import ONE_PROCESS, SEG_LOSS_WEIGHT, Losses, Ranks, clustercam_loss
 from system.model import ClusterCAM, ClusterCAMConfig
 from system.optim import OptimConfig
 from system.refine import cam_to_label, denormalize, pseudo_labels, refine_with_background
@@ -68,7 +69,7 @@ class ValidationConfig:
 
 @dataclasses.dataclass
 class DeepSpeedConfig:
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+    precision: Precision = option(
         "auto", "auto = bf16 on GPUs and bf16-native CPUs, fp32 elsewhere; fp16 (GPU) uses loss scaling"
     )
     offload_optimizer: bool = option(False, "ZeRO-Offload: optimizer states and step on the CPU (zero_stage 1-3)")
@@ -148,20 +149,6 @@ class TrainConfig:
         return self.output.rstrip("/") + "/runs/" + self.run_name
 
 
-class StepLosses(NamedTuple):
-    total: torch.Tensor  # what to backpropagate on this rank
-    cls: torch.Tensor
-    pat: torch.Tensor
-    seg: torch.Tensor | None  # the global-batch segmentation loss, for reporting
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-    return t
-
-
 def in_seg_phase(cfg: ScheduleConfig, epoch: int) -> bool:
     return epoch >= cfg.seg_start_epoch
 
@@ -191,42 +178,25 @@ def cam_labels(model: ClusterCAM, images: torch.Tensor, labels: torch.Tensor, cf
     return refine_with_background(denormalize(images), cams, labels, (cfg.bg_threshold,))[0]
 
 
-def compute_loss(
+def micro_batch_losses(
     forward: Callable[..., object],
     model: ClusterCAM,
     images: torch.Tensor,
     labels: torch.Tensor,
     epoch: int,
     cfg: ScheduleConfig,
-    world_size: int = 1,
-) -> StepLosses:
-    """One micro-batch: the loss to backpropagate on this rank.
+    ranks: Ranks = ONE_PROCESS,
+) -> Losses:
+    """One micro-batch: pseudo labels in the segmentation phase, the forward, and ``clustercam_loss``.
 
     ``forward`` is the module call (a DeepSpeed engine or the model itself), ``model`` the bare
-    module used for the no-grad CAMs. With ``world_size`` > 1 the segmentation loss's pixel counts
-    are all-reduced so every pixel of the global batch weighs the same, as in the authors'
-    single-process run (docs/method.md §e.19); the factor ``world_size`` undoes the gradient averaging.
+    module used for the no-grad CAMs; ``ranks`` are the data-parallel ranks whose pixel counts the
+    segmentation loss shares.
     """
     seg_phase = in_seg_phase(cfg, epoch)
     pseudo = make_pseudo_labels(model, images, labels, cfg) if seg_phase else None
     out = forward(images, with_seg=seg_phase)
-    cls = multilabel_loss(out.cls_logits, labels)
-    pat = multilabel_loss(out.pat_logits, labels)
-    if pseudo is None:
-        return StepLosses(cls + pat, cls.detach(), pat.detach(), None)
-    terms = seg_loss_terms(upsample_segs(out.segs, tuple(pseudo.shape[-2:])), pseudo)
-    counts = _all_reduce(torch.stack([terms.bg_count, terms.fg_count]).detach())
-    local = _seg_from(terms, counts[0], counts[1])
-    seg_global = _all_reduce(local.detach())
-    total = cls + pat + cfg.seg_loss_weight * world_size * local
-    return StepLosses(total, cls.detach(), pat.detach(), seg_global)
-
-
-def _seg_from(terms: SegLossTerms, bg_count: torch.Tensor, fg_count: torch.Tensor) -> torch.Tensor:
-    """0.5 * (bg CE sum / global bg count + fg CE sum / global fg count); an empty side adds 0."""
-    bg = terms.bg_sum / bg_count.clamp_min(1)
-    fg = terms.fg_sum / fg_count.clamp_min(1)
-    return 0.5 * (bg + fg)
+    return clustercam_loss(out.cls_logits, out.pat_logits, labels, out.segs, pseudo, cfg.seg_loss_weight, ranks)
 
 
 def step_seed(seed: int, rank: int, micro_step: int) -> int:

@@ -20,8 +20,9 @@ from system.data.ingest import finalize
 from system.data.shards import DatasetInfo, escape_id, shard_name, write_tar
 from system.data.sources.synthetic import class_names as synthetic_names
 from system.data.sources.synthetic import render
+from system.hardware import resolve_precision
 from system.label.config import LabelConfig
-from system.label.infer import Labeller, model_size, resolve_precision, size_batches, to_input
+from system.label.infer import Labeller, model_size, size_batches, to_input
 from system.label.inputs import ClassMismatch, Sample, check_classes, plan_inputs, unit_samples
 from system.label.outputs import (
     OutputWriter, confusion_from_sparse, finalize_outputs, list_mask_keys, mask_stats, sparse_confusion,
@@ -200,9 +201,20 @@ def test_model_size_caps_and_floors():
 
 def test_precision_auto_is_fp32_where_bf16_is_not_native():
     native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert resolve_precision("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
-    assert resolve_precision("fp32", torch.device("cpu")) is None
-    assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+    assert resolve_precision("auto", torch.device("cpu")).dtype == (torch.bfloat16 if native else torch.float32)
+    assert resolve_precision("fp32", torch.device("cpu")).dtype is torch.float32
+    assert resolve_precision("bf16", torch.device("cpu")).dtype is torch.bfloat16
+
+
+def test_a_precision_the_labeller_is_given_is_the_one_it_reports():
+    model = tiny_model()
+    for name in ("fp32", "bf16"):
+        assert labeller(model, precision=name).precision.name == name
+
+
+def test_fp16_precision_on_a_cpu_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", torch.device("cpu"))
 
 
 # ---- outputs -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from system import storage
 from system.data import ingest
 from system.data.shards import read_dataset, shard_uris
 from system.data.sources import SourceConfig, build_source
-from system.data.stream import StreamConfig, _BatchSlots, eval_loader, shard_samples, train_loader
+from system.data.stream import StreamConfig, Streams, _BatchSlots, _mix, eval_loader, shard_samples, train_loader
 from system.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tests.datasets import build_synthetic
 
@@ -309,3 +309,12 @@ def test_stream_resize_matches_pil_bilinear():
                 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
     assert finished.shape == (1, 3, 64, 64)
     assert (finished[0] - expected).abs().max() <= 1.01 / (255 * min(IMAGENET_STD))
+
+
+def test_random_streams_keep_the_numbers_their_seeds_were_made_with():
+    # a renumbered stream would silently change every batch of every existing run on resume
+    assert {s.name: s.value for s in Streams} == {
+        "SHARD_DRAW": 1, "SHARD_ORDER": 2, "SHUFFLE": 3, "AUGMENT": 4, "LOADER": 5,
+    }
+    assert _mix(7, 0, Streams.SHARD_ORDER) == _mix(7, 0, 2)
+    assert len({_mix(7, 0, 1, 0, s) for s in Streams}) == len(Streams)

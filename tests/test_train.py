@@ -22,10 +22,10 @@ from system import storage
 from system.config import load_config
 from system.data.shards import read_dataset
 from system.data.stream import train_loader
-from system.losses import multilabel_loss
+from system.losses import Losses, StepLossMean, multilabel_loss
 from system.model import ClusterCAM, load_clustercam
 from system.optim import adamw, learning_rate, set_step_hyperparams
-from system.training import TrainConfig, compute_loss, in_seg_phase, stream_config
+from system.training import TrainConfig, in_seg_phase, micro_batch_losses, stream_config
 from tests.datasets import build_synthetic
 from tests.golden import assert_rel
 from tests.planted import planted_bytes
@@ -88,7 +88,7 @@ def single_process_reference(cfg: TrainConfig) -> tuple[ClusterCAM, list[float]]
         labels = torch.cat([b[1] for b in batches])
         lr = learning_rate(cfg.optim, cfg.global_batch, cfg.schedule.epochs, steps, step)
         set_step_hyperparams(optimizer, lr, in_seg_phase(cfg.schedule, epoch))
-        out = compute_loss(model, model, images, labels, epoch, cfg.schedule)
+        out = micro_batch_losses(model, model, images, labels, epoch, cfg.schedule)
         optimizer.zero_grad(set_to_none=False)
         out.total.backward()
         optimizer.step()
@@ -116,6 +116,14 @@ def dataset_loss(model: ClusterCAM, cfg: TrainConfig) -> float:
 def history(cfg: TrainConfig) -> list[dict]:
     lines = storage.get_bytes(cfg.run_uri() + "/history.jsonl").decode().splitlines()
     return [json.loads(line) for line in lines]
+
+
+def test_a_step_reports_the_mean_of_its_micro_batch_losses():
+    mean = StepLossMean(seg_weight=0.1)
+    for cls, pat, seg in ((1.0, 2.0, 0.5), (3.0, 4.0, 1.5)):
+        mean.add(Losses(torch.tensor(0.0), torch.tensor(cls), torch.tensor(pat), torch.tensor(seg)))
+    assert mean.result() == pytest.approx({"loss": 2.0 + 3.0 + 0.1 * 1.0, "loss_cls": 2.0, "loss_pat": 3.0,
+                                           "loss_seg": 1.0})
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,8 @@ class LabelActor:
         self.bar = tqdm_ray.tqdm(desc=f"label actor {index}", unit="img", position=index)
 
     def info(self) -> dict:
-        return {"actor": self.name, "pid": os.getpid(), "device": str(self.device), "precision": self.labeller.precision,
+        return {"actor": self.name, "pid": os.getpid(), "device": str(self.device),
+                "precision": self.labeller.precision.name,
                 "threads": torch.get_num_threads(), "load_seconds": round(self.load_seconds, 3), "metrics_port": self.metrics_port}
 
     def _on_batch(self, n: int, seconds: float) -> None:

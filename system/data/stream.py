@@ -8,8 +8,12 @@ rank stops after exactly ``epoch_batches`` batches, so ranks never wait on each 
 an epoch. Without it every sample is seen exactly once per epoch across all ranks and workers (the
 last batch of a worker may be short).
 
+The stages of a rank's stream, each a small function of ``_TrainStream``: shard order -> split by rank
+and worker -> read samples -> shuffle -> skip (resume) -> decode and augment -> batch.
+
 Determinism and resume: every random choice - shard order, shuffle buffer, augmentation - is seeded
-from (seed, epoch, rank, worker role, sample number), so the same call yields the same batches.
+from (seed, epoch, rank, worker role, sample number) and its own named random stream (``Streams``),
+so the same call yields the same batches.
 ``skip_batches=n`` resumes mid-epoch: worker roles are rotated so that batch 0 of the resumed loader
 is batch n of the original, and each worker drops its share of raw samples *before* decoding, so
 skipping costs only reading. (Exact for resampled streams; without resampling it is exact while no
@@ -27,6 +31,7 @@ already delivered, instead of restarting the epoch.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import logging
 import math
@@ -119,6 +124,17 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
+class Streams(enum.IntEnum):
+    """The stream's independent random streams. Each value is mixed into its seeds: renumbering one
+    changes every batch of every dataset."""
+
+    SHARD_DRAW = 1  # resampled: a worker role's draws of shards, with replacement
+    SHARD_ORDER = 2  # not resampled: the epoch's shard permutation, the same on every rank
+    SHUFFLE = 3  # a worker role's shuffle buffer
+    AUGMENT = 4  # one sample's crop, flip and colour jitter
+    LOADER = 5  # the DataLoader's base seed
+
+
 def _mix(*parts: int) -> int:
     """A 32-bit seed from integers (splitmix64 steps): cheap enough to run once per sample."""
     x = 0x9E3779B97F4A7C15
@@ -190,13 +206,54 @@ class _TrainStream(IterableDataset):
         self.transform, self.slots = transform, slots  # the consumer's own: workers inherit (or unpickle) it
 
     def _shards(self, role: int, roles: int) -> Iterator[str]:
+        """Stages shard order and split: a worker role's shards (resampled: drawn at random, endless)."""
         if self.cfg.resampled:
-            rng = random.Random(_mix(self.cfg.seed, self.epoch, self.rank, role, 1))
+            rng = random.Random(_mix(self.cfg.seed, self.epoch, self.rank, role, Streams.SHARD_DRAW))
             while True:
                 yield rng.choice(self.urls)
         order = list(self.urls)
-        random.Random(_mix(self.cfg.seed, self.epoch, 2)).shuffle(order)
+        random.Random(_mix(self.cfg.seed, self.epoch, Streams.SHARD_ORDER)).shuffle(order)
         yield from order[self.rank :: self.world_size][role::roles]
+
+    def _read(self, urls: Iterator[str]) -> Iterator[dict]:
+        """Stage read: the raw (still encoded) samples of each shard in turn."""
+        return (sample for url in urls for sample in shard_samples(url, self.cfg.retries))
+
+    def _shuffle(self, raw: Iterator[dict], role: int) -> Iterator[dict]:
+        """Stage shuffle: raw samples through a buffer, before the costly decode."""
+        bufsize = max(1, self.cfg.shuffle_buffer)
+        rng = random.Random(_mix(self.cfg.seed, self.epoch, self.rank, role, Streams.SHUFFLE))
+        return wds.shuffle(bufsize=bufsize, initial=min(100, bufsize), rng=rng)(raw)
+
+    @staticmethod
+    def _skip(raw: Iterator[dict], count: int) -> Iterator[tuple[int, dict]]:
+        """Stage skip: numbers the shuffled samples and drops the first ``count`` undecoded (resume)."""
+        return ((number, sample) for number, sample in enumerate(raw) if number >= count)
+
+    def _decoded(self, numbered: Iterator[tuple[int, dict]], role: int) -> Iterator[tuple]:
+        """Stage decode and augment, seeded by the sample's number; an unreadable sample is skipped."""
+        for number, sample in numbered:
+            try:
+                item = self._decode(sample, _mix(self.cfg.seed, self.epoch, self.rank, role, Streams.AUGMENT, number))
+            except (OSError, ValueError, SyntaxError) as exc:  # one broken image must not end a training run
+                log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
+                continue
+            yield item
+
+    def _batched(self, items: Iterator[tuple], first: int, quota: float) -> Iterator[tuple]:
+        """Stage batch: batches numbered from ``first``, up to ``quota``; a short last one when the shards end."""
+        batch: list = []
+        produced = first
+        for item in items:
+            batch.append(item)
+            if len(batch) == self.cfg.batch_size:
+                yield self._collate(batch, produced)
+                batch = []
+                produced += 1
+                if produced >= quota:
+                    return
+        if batch:
+            yield self._collate(batch, produced)
 
     def _decode(self, sample: dict, seed: int) -> tuple:
         ext = next((e for e in _IMAGE_EXTS if e in sample), None)
@@ -216,34 +273,13 @@ class _TrainStream(IterableDataset):
     def __iter__(self):
         worker, roles = _worker()
         role = (worker + self.skip) % roles
-        skipped_batches = len(range(role, self.skip, roles))
-        raw = (s for url in self._shards(role, roles) for s in shard_samples(url, self.cfg.retries))
-        bufsize = max(1, self.cfg.shuffle_buffer)
-        raw = wds.shuffle(bufsize=bufsize, initial=min(100, bufsize),
-                          rng=random.Random(_mix(self.cfg.seed, self.epoch, self.rank, role, 3)))(raw)
-        size = self.cfg.batch_size
-        to_skip = skipped_batches * size
-        batch: list = []
-        produced = skipped_batches
+        skipped_batches = len(range(role, self.skip, roles))  # this role's share of the resumed-over batches
         quota = len(range(role, self.batches, roles)) if self.cfg.resampled else math.inf
-        if produced >= quota:
+        if skipped_batches >= quota:
             return
-        for number, sample in enumerate(raw):
-            if number < to_skip:
-                continue
-            try:
-                batch.append(self._decode(sample, _mix(self.cfg.seed, self.epoch, self.rank, role, 4, number)))
-            except (OSError, ValueError, SyntaxError) as exc:  # one broken image must not end a training run
-                log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
-                continue
-            if len(batch) == size:
-                yield self._collate(batch, produced)
-                batch = []
-                produced += 1
-                if produced >= quota:
-                    return
-        if batch:
-            yield self._collate(batch, produced)
+        raw = self._shuffle(self._read(self._shards(role, roles)), role)
+        numbered = self._skip(raw, skipped_batches * self.cfg.batch_size)
+        yield from self._batched(self._decoded(numbered, role), skipped_batches, quota)
 
 
 class Loader:
@@ -304,7 +340,7 @@ def train_loader(dataset_uri: str, rank: int, world_size: int, cfg: StreamConfig
     stream = _TrainStream(urls, len(info.classes), rank, world_size, cfg, epoch, skip_batches, batches, transform,
                           slots)
     # An own generator: DataLoader otherwise draws its base seed from the caller's global torch RNG.
-    generator = torch.Generator().manual_seed(_mix(cfg.seed, epoch, rank, 5))
+    generator = torch.Generator().manual_seed(_mix(cfg.seed, epoch, rank, Streams.LOADER))
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, generator=generator, collate_fn=_as_is,
                         prefetch_factor=prefetch if cfg.num_workers else None, persistent_workers=False)
     return Loader(loader, transform, max(0, batches - skip_batches) if cfg.resampled else None, device, slots)

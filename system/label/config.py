@@ -11,11 +11,11 @@ from typing import Literal
 
 from system.cam import INFER_SCALES, TRAIN_CAM_SCALES
 from system.config import option
+from system.hardware import Precision
 from system.masks import MASK_CODECS, MaskCodec, mask_codec
 
 Mode = Literal["seg", "cam", "both"]
 MaskFormat = Literal[tuple(MASK_CODECS)]  # type: ignore[valid-type]
-Precision = Literal["auto", "bf16", "fp32"]
 
 
 @dataclasses.dataclass
@@ -49,7 +49,9 @@ class LabelConfig:
     class_names: list[str] = option(factory=list, doc="class names in model order, needed for an authors' checkpoint without model.json")
     batch_size: int = option(8, doc="images per forward (images of the same size after capping)")
     max_side: int = option(1024, doc="images with a longer side are resized for the model; the mask is resized back (nearest)")
-    precision: Precision = option("auto", doc="auto: bf16 autocast on GPU and on CPUs with native bf16, else fp32")
+    precision: Precision = option(
+        "auto", doc="auto: bf16 autocast on GPU and on CPUs with native bf16, else fp32; fp16: GPU only"
+    )
     crf: bool = option(
         False,
         doc="seg: dense CRF on the probabilities (docs/method.md §c.1 step 3); needs the 'crf' extra (pydensecrf)",

@@ -59,11 +59,6 @@ class Labelled:
     model_size: tuple[int, int]
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32 (``auto``: bf16 only where it is native, see system.hardware)."""
-    return torch.bfloat16 if hardware.resolve_precision(precision, device) == "bf16" else None
-
-
 def model_size(height: int, width: int, max_side: int, min_side: int) -> tuple[int, int]:
     """Size the model sees: longer side capped at ``max_side``, shorter side at least ``min_side``."""
     scale = min(1.0, max_side / max(height, width))
@@ -139,17 +134,13 @@ class Labeller:
         self.class_names = list(class_names)
         self.num_classes = model.cfg.num_classes
         self.device = next(model.parameters()).device
-        self.dtype = resolve_precision(cfg.precision, self.device)
+        self.precision = hardware.resolve_precision(cfg.precision, self.device)
         trained = getattr(model, "cam_settings", {})
         self.cam_layers = cfg.cam_layers if cfg.cam_layers is not None else trained.get("layers", CAM_LAYERS)
         self.cam_p2p_refine = cfg.cam_p2p_refine if cfg.cam_p2p_refine is not None else trained.get("p2p_refine", CAM_P2P_REFINE)
         scales = [*(cfg.scales if "seg" in cfg.modes else []), *(cfg.cam_scales if "cam" in cfg.modes else [])]
         # every scaled copy must hold at least one patch (int() truncates, hence the ceil)
         self.min_side = math.ceil(model.cfg.patch_size / min(min(scales), 1.0))
-
-    @property
-    def precision(self) -> str:
-        return "bf16" if self.dtype is not None else "fp32"
 
     def decode(self, sample: Sample) -> Decoded | Reject:
         if sample.error:
@@ -178,12 +169,9 @@ class Labeller:
             tags[i, list(item.sample.labels)] = 1
         return tags
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
-
     def seg(self, x: torch.Tensor, tags: torch.Tensor, pixels: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,h,w) labels and confidences: argmax of the multi-scale probabilities (docs/method.md §c.1)."""
-        with self._autocast():
+        with hardware.autocast(self.precision, self.device):
             probs = predict_probs(self.model, x, self.cfg.scales).float()
         if self.cfg.restrict_to_tags:
             allowed = torch.cat([torch.ones_like(tags[:, :1]), tags], dim=1)
@@ -197,7 +185,7 @@ class Labeller:
 
     def cam(self, x: torch.Tensor, tags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,h,w) PAR pseudo labels (docs/method.md §b.7) and confidences (tag CAM of the winner; 1 - max for bg)."""
-        with self._autocast():
+        with hardware.autocast(self.precision, self.device):
             cams = multi_scale_cam(self.model, x, self.cfg.cam_scales, self.cam_layers, self.cam_p2p_refine)
         cams = cams.float() * tags[:, :, None, None]
         labels = pseudo_labels(denormalize(x), cams, tags, self.cfg.bg_threshold, self.cfg.ignore_delta)
