@@ -1,11 +1,12 @@
-# Entry points for a fresh machine: `make test` builds .venv and runs the suite; `make demo` builds
-# .venv if needed and runs the whole mission on the embedded local stack (pipelines/demo.py).
+# Entry points for a fresh machine: `make test` builds .venv, lints and runs the whole suite;
+# `make test-fast` runs the unit tier only; `make demo` builds .venv if needed and runs the whole
+# mission on the embedded local stack (pipelines/demo.py).
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo docs clean-venv
+.PHONY: venv lint test test-fast demo docs clean-venv
 
 venv: $(STAMP)
 
@@ -18,8 +19,17 @@ $(STAMP): pyproject.toml constraints.txt
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: venv
+# ruff's linter and formatter, configured in pyproject.toml; `make test` (and so CI) runs it first
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: venv lint
 	$(BIN)/python -m pytest tests
+
+# the unit tier: everything not marked slow (no Ray cluster, local stack or whole entry point)
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow" tests
 
 # DEMO_ARGS: key=value overrides, e.g. make demo DEMO_ARGS='train=[max_steps=20]'
 demo: venv

@@ -4,7 +4,8 @@
 
 The baseline reads every source file and writes it unchanged into tar shards on the same storage, in
 one process: the I/O floor of any ingest. It runs right before every ingest, and the ratio is the
-median over rounds of the two, because this machine's speed drifts by more than the gaps measured. The ingest is the real pipeline (manifest source, Ray tasks,
+median over rounds of the two, because this machine's speed drifts by more than the gaps measured.
+The ingest is the real pipeline (manifest source, Ray tasks,
 image checks, deterministic tars, part records, dataset.json). Ray start-up and worker start are
 excluded (a warm-up ingest runs first): they are a fixed cost that vanishes at dataset scale.
 "per core" is images per CPU-second of every process involved - the driver and all of Ray's
@@ -77,17 +78,28 @@ def main() -> None:
             (tmp / "in").mkdir()
             manifest = make_inputs(tmp / "in", args.images, args.size)
             total_mb = sum(p.stat().st_size for p in (tmp / "in").glob("*.jpg")) / 2**20
-            print(f"{args.images} JPEGs of {args.size}x{args.size}, {total_mb:.1f} MiB, shards of {args.shard_size}, "
-                  f"{args.workers} ingest workers, S3 at {server.endpoint}")
+            print(
+                f"{args.images} JPEGs of {args.size}x{args.size}, {total_mb:.1f} MiB, shards of {args.shard_size}, "
+                f"{args.workers} ingest workers, S3 at {server.endpoint}"
+            )
             ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
 
             clock = CpuClock(exclude=(server.pid,))
 
-            def ingest(output: str, path: Path, workers: int, shard_size: int = args.shard_size,
-                       verify: str = "structure") -> tuple[float, float]:
+            def ingest(
+                output: str, path: Path, workers: int, shard_size: int = args.shard_size, verify: str = "structure"
+            ) -> tuple[float, float]:
                 t0, c0 = time.perf_counter(), clock.now()
-                run(IngestConfig(output=output, source=SourceConfig(format="manifest", path=str(path)),
-                                 shard_size=shard_size, num_workers=workers, verify=verify, progress_every_s=1e9))
+                run(
+                    IngestConfig(
+                        output=output,
+                        source=SourceConfig(format="manifest", path=str(path)),
+                        shard_size=shard_size,
+                        num_workers=workers,
+                        verify=verify,
+                        progress_every_s=1e9,
+                    )
+                )
                 return args.images / (time.perf_counter() - t0), args.images / (clock.now() - c0)
 
             warm = tmp / "in" / "warm.jsonl"
@@ -110,8 +122,11 @@ def main() -> None:
                     base, rate, per_core = (statistics.median(r[i] for r in rounds) for i in range(3))
                     ratio = statistics.median(r[2] / r[0] for r in rounds)
                     target = " (target >= 0.5x)" if verify == "structure" else ""
-                    print(f"ingest verify={verify:9s}, {workers} worker(s): {rate:5.0f} images/s {per_core:5.0f} images/s/core; "
-                          f"tar copy {base:5.0f} images/s/core; ratio {ratio:.2f}x per core{target}")
+                    print(
+                        f"ingest verify={verify:9s}, {workers} worker(s): {rate:5.0f} images/s "
+                        f"{per_core:5.0f} images/s/core; "
+                        f"tar copy {base:5.0f} images/s/core; ratio {ratio:.2f}x per core{target}"
+                    )
         finally:
             ray.shutdown()
             server.stop()

@@ -1,6 +1,7 @@
 """Labelling throughput: our batched Labeller against the reference-style loop, in the same run.
 
-    .venv/bin/python -m benchmarks.label [--images 6] [--bf16-images 2] [--batch-size 3] [--rounds 2] [--threads 2] [--device cpu]
+    .venv/bin/python -m benchmarks.label [--images 6] [--bf16-images 2] [--batch-size 3] [--rounds 2] \\
+        [--threads 2] [--device cpu]
 
 Model: the DeiT-S ClusterCAM (K=20, C=384, 12 blocks x 6 heads, LargeFOV decoder 512), random
 weights with the decoder's last layer scaled up so the probabilities are peaked as a trained
@@ -87,8 +88,15 @@ def reference(model, samples, predict=predict_probs) -> tuple[list[np.ndarray], 
 
 
 def ours(model, samples, precision: str, batch_size: int) -> tuple[list[np.ndarray], float]:
-    cfg = LabelConfig(model="bench", data="bench", output="bench", precision=precision, batch_size=batch_size,
-                      restrict_to_tags=False, scales=list(INFER_SCALES))
+    cfg = LabelConfig(
+        model="bench",
+        data="bench",
+        output="bench",
+        precision=precision,
+        batch_size=batch_size,
+        restrict_to_tags=False,
+        scales=list(INFER_SCALES),
+    )
     labeller = Labeller(model, cfg, [f"c{k}" for k in range(K)])
     start = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
@@ -129,9 +137,13 @@ def flops_per_image(model) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=6)
-    parser.add_argument("--bf16-images", type=int, default=2, help="bf16 is emulated (slow) on CPUs without AVX512-BF16")
+    parser.add_argument(
+        "--bf16-images", type=int, default=2, help="bf16 is emulated (slow) on CPUs without AVX512-BF16"
+    )
     parser.add_argument("--batch-size", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2, help="reference + ours fp32 pairs; the speed-up is their median")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="reference + ours fp32 pairs; the speed-up is their median"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
@@ -162,19 +174,34 @@ def main(argv=None) -> None:
         "same loop, authors' explicit attention": (args.images / naive_s, f"{naive_differing} of {pixels} px differ"),
         f"ours fp32 (batch {args.batch_size})": (args.images / fp32_s, identical),
     }
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "threads": args.threads, "images": args.images, "size": [W, H], "scales": list(INFER_SCALES),
-              "reference_images_per_s": args.images / ref_s, "fp32_images_per_s": args.images / fp32_s,
-              "fp32_speedup": ref_s / fp32_s, "fp32_identical_masks": identical, "fp32_differing_pixels": differing,
-              "authors_attention_images_per_s": args.images / naive_s, "fp32_speedup_vs_authors_attention": naive_s / fp32_s,
-              "authors_attention_differing_pixels": naive_differing}
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": args.threads,
+        "images": args.images,
+        "size": [W, H],
+        "scales": list(INFER_SCALES),
+        "reference_images_per_s": args.images / ref_s,
+        "fp32_images_per_s": args.images / fp32_s,
+        "fp32_speedup": ref_s / fp32_s,
+        "fp32_identical_masks": identical,
+        "fp32_differing_pixels": differing,
+        "authors_attention_images_per_s": args.images / naive_s,
+        "fp32_speedup_vs_authors_attention": naive_s / fp32_s,
+        "authors_attention_differing_pixels": naive_differing,
+    }
     if args.bf16_images:
         n = min(args.bf16_images, args.images)
         bf16_masks, bf16_s = ours(model, samples[:n], "bf16", args.batch_size)
         agree = float(np.mean([np.mean(a == b) for a, b in zip(bf16_masks, fp32_masks[:n])]))
         rows[f"ours bf16 (batch {args.batch_size}, {n} images)"] = (n / bf16_s, agree)
-        result.update({"bf16_images_per_s": n / bf16_s, "bf16_speedup_vs_reference": (n / bf16_s) / (args.images / ref_s),
-                       "bf16_pixel_agreement_with_fp32": agree,
-                       "bf16_native": hardware.native_bf16(device)})
+        result.update(
+            {
+                "bf16_images_per_s": n / bf16_s,
+                "bf16_speedup_vs_reference": (n / bf16_s) / (args.images / ref_s),
+                "bf16_pixel_agreement_with_fp32": agree,
+                "bf16_native": hardware.native_bf16(device),
+            }
+        )
     if device.type == "cuda":
         for precision in ("fp32", "bf16"):
             rate = model_only(model, args.batch_size, precision)
@@ -196,10 +223,16 @@ def main(argv=None) -> None:
         else:
             note = f"{100 * check:.2f}% px = fp32"
         print(f"{name:45s} {rate:9.3f} {rate / result['reference_images_per_s']:6.2f}  {note}")
-    print(f"FLOPs per 500x375 image, 5 scales: {flops / 1e9:.1f} GFLOP; {result['device']} reaches {result['achieved_gflops_fp32']:.0f} GFLOP/s in fp32")
+    print(
+        f"FLOPs per 500x375 image, 5 scales: {flops / 1e9:.1f} GFLOP; {result['device']} reaches "
+        f"{result['achieved_gflops_fp32']:.0f} GFLOP/s in fp32"
+    )
     if "achieved_gflops_bf16" in result:
         print(f"and {result['achieved_gflops_bf16']:.0f} GFLOP/s in bf16")
-    print(f"H100 estimate (989 dense bf16 TFLOP/s): {result['h100_images_per_s_at_25pct_mfu']:.0f}-{result['h100_images_per_s_at_40pct_mfu']:.0f} images/s at 25-40% MFU")
+    print(
+        f"H100 estimate (989 dense bf16 TFLOP/s): {result['h100_images_per_s_at_25pct_mfu']:.0f}-"
+        f"{result['h100_images_per_s_at_40pct_mfu']:.0f} images/s at 25-40% MFU"
+    )
     print(json.dumps(result, indent=1))
 
 

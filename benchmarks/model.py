@@ -173,7 +173,9 @@ def peak_step_memory(step, device: torch.device) -> int:
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
         prof.export_chrome_trace(trace.name)
         # the profiler replaces the file at this path, so read the path, not the handle
-        events = [e["args"] for e in json.loads(Path(trace.name).read_text())["traceEvents"] if e.get("name") == "[memory]"]
+        events = [
+            e["args"] for e in json.loads(Path(trace.name).read_text())["traceEvents"] if e.get("name") == "[memory]"
+        ]
     # "Total Allocated" counts from the profiler's start; frees of older blocks are not in it (unknown size)
     base = events[0]["Total Allocated"] - events[0]["Bytes"]
     return max(e["Total Allocated"] for e in events) - base
@@ -186,9 +188,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tasks", nargs="+", default=["train", "cam", "infer"], choices=["train", "cam", "infer"])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--agree-images", type=int, default=8, help="images for the bf16-vs-fp32 pseudo-label agreement")
-    parser.add_argument("--weights", help="DeiT-S K=20 state dict (benchmarks/pretrain.py) instead of random weights, "
-                        "for bf16-vs-fp32 pseudo-label agreement on a model whose CAMs follow objects")
+    parser.add_argument(
+        "--agree-images", type=int, default=8, help="images for the bf16-vs-fp32 pseudo-label agreement"
+    )
+    parser.add_argument(
+        "--weights",
+        help="DeiT-S K=20 state dict (benchmarks/pretrain.py) instead of random weights, "
+        "for bf16-vs-fp32 pseudo-label agreement on a model whose CAMs follow objects",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -210,8 +217,12 @@ def main() -> None:
                 t = interleaved(steps, args.repeats, device)
                 ours_mem = peak_step_memory(steps["ours"], device)
                 naive_mem = peak_step_memory(steps["naive"], device)
-                note = f"peak step memory {ours_mem / 2**20:.0f} MiB vs {naive_mem / 2**20:.0f} MiB = {ours_mem / naive_mem:.2f}x"
-                print(f"{'train':<7}{size:>6}{precision:>6}{t['ours']:>10.3f}{t['naive']:>10.3f}{t['ours'] / t['naive']:>8.2f}  {note}")
+                ratio = ours_mem / naive_mem
+                note = f"peak step memory {ours_mem / 2**20:.0f} MiB vs {naive_mem / 2**20:.0f} MiB = {ratio:.2f}x"
+                print(
+                    f"{'train':<7}{size:>6}{precision:>6}{t['ours']:>10.3f}{t['naive']:>10.3f}"
+                    f"{t['ours'] / t['naive']:>8.2f}  {note}"
+                )
                 fast, naive = make_models(device, args.weights)  # the optimizer steps moved the weights apart
             if "cam" in args.tasks:
                 out: dict = {}
@@ -228,19 +239,31 @@ def main() -> None:
                 if precision == "fp32":
                     fp32_labels[size] = eval_labels
                 elif size in fp32_labels:
-                    agree = f"bf16 vs fp32 pseudo labels of {args.agree_images} images agree on {(eval_labels == fp32_labels[size]).float().mean().item():.2%} of pixels"
-                print(f"{'cam':<7}{size:>6}{precision:>6}{t['ours']:>10.3f}{t['naive']:>10.3f}{t['ours'] / t['naive']:>8.2f}  {agree}")
+                    agreement = (eval_labels == fp32_labels[size]).float().mean().item()
+                    agree = (
+                        f"bf16 vs fp32 pseudo labels of {args.agree_images} images agree on {agreement:.2%} of pixels"
+                    )
+                print(
+                    f"{'cam':<7}{size:>6}{precision:>6}{t['ours']:>10.3f}{t['naive']:>10.3f}"
+                    f"{t['ours'] / t['naive']:>8.2f}  {agree}"
+                )
         if "infer" in args.tasks and size == args.sizes[-1]:
             image = smooth_images(1, 375, 500, seed=1).to(device)
             for precision in args.precisions:
                 out = {}
                 t = interleaved(
-                    {"ours": infer_fn("ours", fast, image, precision, out), "naive": infer_fn("naive", naive, image, precision, out)},
+                    {
+                        "ours": infer_fn("ours", fast, image, precision, out),
+                        "naive": infer_fn("naive", naive, image, precision, out),
+                    },
                     args.repeats,
                     device,
                 )
                 same = (out["ours"] == out["naive"]).float().mean().item()
-                print(f"{'infer':<7}{'500x375':>6}{precision:>6}{t['ours']:>10.3f}{t['naive']:>10.3f}{t['ours'] / t['naive']:>8.2f}  masks agree {same:.2%}")
+                print(
+                    f"{'infer':<7}{'500x375':>6}{precision:>6}{t['ours']:>10.3f}{t['naive']:>10.3f}"
+                    f"{t['ours'] / t['naive']:>8.2f}  masks agree {same:.2%}"
+                )
 
 
 if __name__ == "__main__":

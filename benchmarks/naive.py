@@ -9,7 +9,6 @@ cross-entropy calls. It shares nothing with system/ but the parameter names.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -135,7 +134,9 @@ class NaiveLargeFOV(nn.Module):
 class NaiveClusterCAM(nn.Module):
     """All blocks are clustering blocks and depth * heads = 72, as in the authors' code."""
 
-    def __init__(self, num_classes=20, embed_dim=384, depth=12, num_heads=6, patch_size=16, img_size=224, drop_path_rate=0.1):
+    def __init__(
+        self, num_classes=20, embed_dim=384, depth=12, num_heads=6, patch_size=16, img_size=224, drop_path_rate=0.1
+    ):
         super().__init__()
         self.K, self.patch, self.G = num_classes, patch_size, img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, num_classes, embed_dim))
@@ -154,7 +155,9 @@ class NaiveClusterCAM(nn.Module):
             return self.pos_embed
         C = self.pos_embed.shape[-1]
         pp = self.pos_embed[:, self.K :].reshape(1, self.G, self.G, C).permute(0, 3, 1, 2)
-        pp = F.interpolate(pp, scale_factor=((r + 0.1) / self.G, (c + 0.1) / self.G), mode="bicubic", align_corners=False)
+        pp = F.interpolate(
+            pp, scale_factor=((r + 0.1) / self.G, (c + 0.1) / self.G), mode="bicubic", align_corners=False
+        )
         return torch.cat([self.pos_embed[:, : self.K], pp.permute(0, 2, 3, 1).reshape(1, -1, C)], dim=1)
 
     def forward_features(self, x):
@@ -195,7 +198,11 @@ def naive_multi_scale_cam(model, inputs, scales):
     b, _, h, w = inputs.shape
     cam_list = []
     for s in [1.0] + [s for s in scales if s != 1.0]:
-        x = inputs if s == 1.0 else F.interpolate(inputs, size=(int(s * h), int(s * w)), mode="bilinear", align_corners=False)
+        x = (
+            inputs
+            if s == 1.0
+            else F.interpolate(inputs, size=(int(s * h), int(s * w)), mode="bilinear", align_corners=False)
+        )
         with torch.no_grad():
             cam = model(torch.cat([x, x.flip(-1)], dim=0), cam_only=True).float()
         cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)

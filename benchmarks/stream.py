@@ -48,8 +48,10 @@ from system.data.transforms import resize_pixels, rgbx_pixels
 def build(uri: str, images: int, size: int, shard_size: int = 250) -> None:
     source = build_source(SourceConfig(format="synthetic", num_images=images, num_classes=6, image_size=size, seed=4))
     work = ingest.plan(source, shard_size)
-    parts = [ingest.write_shard(source, ingest.ShardTask(i, g, uri, source.class_names, "bench"))
-             for i, g in enumerate(work.groups)]
+    parts = [
+        ingest.write_shard(source, ingest.ShardTask(i, g, uri, source.class_names, "bench"))
+        for i, g in enumerate(work.groups)
+    ]
     ingest.finalize(uri, "bench", source.class_names, parts, work.rejects, work.inputs, {})
 
 
@@ -69,8 +71,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="baseline + stream pairs per augmentation (medians)")
-    parser.add_argument("--shard-size", type=int, default=250,
-                        help="images per shard (ingest writes 1000; each shard costs one S3 GET)")
+    parser.add_argument(
+        "--shard-size", type=int, default=250, help="images per shard (ingest writes 1000; each shard costs one S3 GET)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,8 +83,10 @@ def main() -> None:
             uri = "s3://bench/ds"
             build(uri, args.images, args.size, args.shard_size)
             data = jpegs(uri)
-            print(f"{len(data)} JPEGs of {args.size}x{args.size} in {len(read_dataset(uri).shards)} shards on "
-                  f"{server.endpoint}; crops {args.crop}, batch {args.batch}, {args.workers} loader workers")
+            print(
+                f"{len(data)} JPEGs of {args.size}x{args.size} in {len(read_dataset(uri).shards)} shards on "
+                f"{server.endpoint}; crops {args.crop}, batch {args.batch}, {args.workers} loader workers"
+            )
             clock = CpuClock(exclude=(server.pid,))
 
             def bare(resize) -> float:
@@ -97,8 +102,14 @@ def main() -> None:
                 return resize_pixels(rgbx_pixels(image), args.crop)
 
             def stream(augment: str) -> tuple[float, float, float, float]:
-                cfg = StreamConfig(batch_size=args.batch, image_size=args.crop, augment=augment,
-                                   num_workers=args.workers, shuffle_buffer=500, resampled=False)
+                cfg = StreamConfig(
+                    batch_size=args.batch,
+                    image_size=args.crop,
+                    augment=augment,
+                    num_workers=args.workers,
+                    shuffle_buffer=500,
+                    resampled=False,
+                )
                 t0, c0 = time.perf_counter(), clock.now()
                 batches = iter(train_loader(uri, 0, 1, cfg))
                 next(batches)
@@ -110,13 +121,18 @@ def main() -> None:
                 rounds = []
                 for _ in range(args.rounds):  # the baselines next to each run: this machine's speed drifts
                     rounds.append((bare(pil_resize), bare(torch_resize), *stream(augment)))
-                base, same, rate, per_core, start, start_cpu = (statistics.median(r[i] for r in rounds) for i in range(6))
+                base, same, rate, per_core, start, start_cpu = (
+                    statistics.median(r[i] for r in rounds) for i in range(6)
+                )
                 ratio = statistics.median(r[3] / r[0] for r in rounds)
                 machinery = statistics.median(r[3] / r[1] for r in rounds)
                 target = "" if augment == "paper" else " (target >= 0.8x)"
-                print(f"stream augment={augment:5s}: {rate:5.0f} images/s {per_core:5.0f} images/s/core; bare decode + PIL "
-                      f"resize {base:5.0f} images/s/core, ratio {ratio:.2f}x{target}; bare decode + the stream's resize "
-                      f"{same:5.0f} images/s/core, ratio {machinery:.2f}x; start-up {start:.1f} s, {start_cpu:.1f} CPU-s")
+                print(
+                    f"stream augment={augment:5s}: {rate:5.0f} images/s {per_core:5.0f} images/s/core; "
+                    "bare decode + PIL "
+                    f"resize {base:5.0f} images/s/core, ratio {ratio:.2f}x{target}; bare decode + the stream's resize "
+                    f"{same:5.0f} images/s/core, ratio {machinery:.2f}x; start-up {start:.1f} s, {start_cpu:.1f} CPU-s"
+                )
         finally:
             server.stop()
 

@@ -50,7 +50,9 @@ def config(data: str, output: str, args, **overrides) -> TrainConfig:
         "metrics.log_every_steps": 1000,
         **overrides,
     }
-    return load_config(TrainConfig, "configs/tiny.yaml", [f"data={data}", f"output={output}"] + [f"{k}={v}" for k, v in items.items()])
+    return load_config(
+        TrainConfig, "configs/tiny.yaml", [f"data={data}", f"output={output}"] + [f"{k}={v}" for k, v in items.items()]
+    )
 
 
 def plain_step_times(cfg: TrainConfig, threads: int) -> list[float]:
@@ -91,8 +93,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--zero-stages", default=[0], type=lambda text: [int(x) for x in text.split(",")],
-                        help="comma-separated ZeRO stages for the 1-worker runs")
+    parser.add_argument(
+        "--zero-stages",
+        default=[0],
+        type=lambda text: [int(x) for x in text.split(",")],
+        help="comma-separated ZeRO stages for the 1-worker runs",
+    )
     parser.add_argument("--seg", action="store_true", help="measure segmentation-phase steps (CAM + PAR + seg loss)")
     args = parser.parse_args()
     stages = args.zero_stages
@@ -100,27 +106,34 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         data = f"{tmp}/data"
-        build_synthetic(data, num_images=max(64, args.batch_size * 4 * 2), num_classes=4, image_size=args.image_size,
-                        shard_size=16)
+        build_synthetic(
+            data, num_images=max(64, args.batch_size * 4 * 2), num_classes=4, image_size=args.image_size, shard_size=16
+        )
 
         def median(times: list[float]) -> float:
-            return statistics.median(times[args.warmup:])
+            return statistics.median(times[args.warmup :])
 
         plain_before = median(plain_step_times(config(data, tmp, args), threads=cpus))
         ones = {}
         for stage in stages:
-            times, wall = ray_step_times(config(data, tmp, args, num_workers=1, cpus_per_worker=cpus, zero_stage=stage,
-                                                run_name=f"x1-zero{stage}"))
+            times, wall = ray_step_times(
+                config(
+                    data, tmp, args, num_workers=1, cpus_per_worker=cpus, zero_stage=stage, run_name=f"x1-zero{stage}"
+                )
+            )
             ones[stage] = median(times), wall
-        two, wall2 = ray_step_times(config(data, tmp, args, num_workers=2, cpus_per_worker=cpus / 2,
-                                           zero_stage=stages[0], run_name="x2"))
+        two, wall2 = ray_step_times(
+            config(data, tmp, args, num_workers=2, cpus_per_worker=cpus / 2, zero_stage=stages[0], run_name="x2")
+        )
         two = median(two)
         plain_after = median(plain_step_times(config(data, tmp, args), threads=cpus))
         plain = (plain_before + plain_after) / 2
         b = args.batch_size
         phase = "segmentation" if args.seg else "classification"
-        print(f"ClusterCAM embed {args.embed_dim}, {args.image_size}px, batch {b}/worker, {phase} phase, {cpus} CPUs, "
-              f"median of steps {args.warmup + 1}..{args.steps}")
+        print(
+            f"ClusterCAM embed {args.embed_dim}, {args.image_size}px, batch {b}/worker, {phase} phase, {cpus} CPUs, "
+            f"median of steps {args.warmup + 1}..{args.steps}"
+        )
         print(f"{'run':<32}{'step s':>9}{'samples/s':>11}{'per core':>10}{'wall s':>9}{'overhead':>10}")
 
         def row(name: str, step: float, samples: int, wall: float | None = None, overhead: bool = False) -> None:
@@ -133,7 +146,7 @@ def main() -> None:
         for stage, (one, wall) in ones.items():
             row(f"ray + deepspeed ZeRO {stage}, 1 worker", one, b, wall, overhead=True)
         row(f"ray + deepspeed ZeRO {stages[0]}, 2 workers", two, 2 * b, wall2)
-        print(f"target: Ray + DeepSpeed step overhead (1 worker vs plain) <= 10%")
+        print("target: Ray + DeepSpeed step overhead (1 worker vs plain) <= 10%")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,9 @@ class DemoConfig:
     """Ingest, train, label and evaluate on synthetic data with the embedded local stack."""
 
     dir: str = option(".demo", doc="working folder (stack data and credentials, outputs/); reused by the next run")
-    root: str = option("", doc="storage root of every output; empty: s3://clustercam on an S3 server started in <dir>/stack")
+    root: str = option(
+        "", doc="storage root of every output; empty: s3://clustercam on an S3 server started in <dir>/stack"
+    )
     num_classes: int = option(4, doc="synthetic classes; must equal the train config's model.num_classes")
     image_size: int = option(64, doc="synthetic image side in pixels")
     train_images: int = option(480, doc="images in the training split (synthetic seed 0)")
@@ -127,7 +129,9 @@ def _json(uri: str) -> dict:
 
 
 def _history(run: str) -> list[dict]:
-    return [json.loads(line) for line in storage.get_bytes(run + "/history.jsonl").decode().splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in storage.get_bytes(run + "/history.jsonl").decode().splitlines() if line.strip()
+    ]
 
 
 def _stack(cfg: DemoConfig, workdir: Path, resources: ExitStack) -> tuple[str, dict[str, str], dict]:
@@ -137,8 +141,10 @@ def _stack(cfg: DemoConfig, workdir: Path, resources: ExitStack) -> tuple[str, d
     root = cfg.root.rstrip("/")
     if not root:
         if (workdir / "stack" / "stack.json").exists():
-            raise SystemExit(f"demo: infra/local/start.sh runs a stack on {workdir / 'stack'}; stop it first: "
-                             f"infra/local/stop.sh --dir {workdir / 'stack'}")
+            raise SystemExit(
+                f"demo: infra/local/start.sh runs a stack on {workdir / 'stack'}; stop it first: "
+                f"infra/local/stop.sh --dir {workdir / 'stack'}"
+            )
         server = start_s3(workdir / "stack", buckets=())
         resources.callback(server.stop)
         client = server.client()
@@ -169,35 +175,70 @@ def run(cfg: DemoConfig) -> dict:
     with ExitStack() as resources:
         root, env, started = _stack(cfg, workdir, resources)
         paths = Paths(root)
-        synthetic = [f"source.num_classes={cfg.num_classes}", f"source.image_size={cfg.image_size}",
-                     f"shard_size={cfg.shard_size}", "source.format=synthetic", "num_workers=2"]
-        for name, uri, count, seed in (("ingest train split", paths.train_data, cfg.train_images, 0),
-                                       ("ingest held-out split", paths.heldout_data, cfg.heldout_images, 1)):
-            seconds[name] = _run_step(name, "pipelines.ingest",
-                                      [f"output={uri}", f"source.num_images={count}", f"source.seed={seed}", *synthetic], env)
+        synthetic = [
+            f"source.num_classes={cfg.num_classes}",
+            f"source.image_size={cfg.image_size}",
+            f"shard_size={cfg.shard_size}",
+            "source.format=synthetic",
+            "num_workers=2",
+        ]
+        for name, uri, count, seed in (
+            ("ingest train split", paths.train_data, cfg.train_images, 0),
+            ("ingest held-out split", paths.heldout_data, cfg.heldout_images, 1),
+        ):
+            seconds[name] = _run_step(
+                name,
+                "pipelines.ingest",
+                [f"output={uri}", f"source.num_images={count}", f"source.seed={seed}", *synthetic],
+                env,
+            )
 
         run_uri = paths.run(cfg.run_name)
         trained = not storage.exists(run_uri + "/model/model.json")
         if trained:
-            seconds["train"] = _run_step("train", "pipelines.train", [
-                "--config", cfg.train_config, f"data={paths.train_data}", f"output={root}", f"run_name={cfg.run_name}",
-                f"num_workers={cfg.num_workers}", f"zero_stage={cfg.zero_stage}", *cfg.train], env)
+            seconds["train"] = _run_step(
+                "train",
+                "pipelines.train",
+                [
+                    "--config",
+                    cfg.train_config,
+                    f"data={paths.train_data}",
+                    f"output={root}",
+                    f"run_name={cfg.run_name}",
+                    f"num_workers={cfg.num_workers}",
+                    f"zero_stage={cfg.zero_stage}",
+                    *cfg.train,
+                ],
+                env,
+            )
         else:
             log.info("demo: %s/model exists: training skipped (run_name=<new name> trains again)", run_uri)
             seconds["train"] = None
 
         job_uri = paths.labels + "/label_job.json"
         if trained or not storage.exists(job_uri) or not _json(job_uri).get("complete"):
-            seconds["label"] = _run_step("label", "pipelines.label", [
-                "--config", cfg.label_config, f"model={run_uri}/model", f"data={paths.heldout_data}",
-                f"output={paths.labels}", f"overwrite={'true' if trained else 'false'}", *cfg.label], env)
+            seconds["label"] = _run_step(
+                "label",
+                "pipelines.label",
+                [
+                    "--config",
+                    cfg.label_config,
+                    f"model={run_uri}/model",
+                    f"data={paths.heldout_data}",
+                    f"output={paths.labels}",
+                    f"overwrite={'true' if trained else 'false'}",
+                    *cfg.label,
+                ],
+                env,
+            )
         else:
             log.info("demo: %s is complete for this model: labelling skipped", job_uri)
             seconds["label"] = None
 
         t0 = time.monotonic()
-        result = evaluate(EvaluateConfig(masks=paths.labels + "/masks", data=paths.heldout_data,
-                                         output=paths.labels + "/eval.json"))
+        result = evaluate(
+            EvaluateConfig(masks=paths.labels + "/masks", data=paths.heldout_data, output=paths.labels + "/eval.json")
+        )
         baseline = background_baseline(paths.heldout_data)
         seconds["evaluate"] = time.monotonic() - t0
 
@@ -215,7 +256,7 @@ def _summary(cfg: DemoConfig, paths: Paths, result: dict, baseline: dict, second
     model = _json(run_uri + "/model/model.json")
     history = _history(run_uri)
     job = _json(paths.labels + "/label_job.json")
-    tail = history[len(history) // 2:] or history
+    tail = history[len(history) // 2 :] or history
     ingested = read_dataset(paths.train_data).total_samples + read_dataset(paths.heldout_data).total_samples
     ingest_s = (seconds["ingest train split"] or 0) + (seconds["ingest held-out split"] or 0)
     return {
@@ -231,12 +272,23 @@ def _summary(cfg: DemoConfig, paths: Paths, result: dict, baseline: dict, second
             "train_data_wait_s_per_step": round(float(np.mean([h["data_wait_s"] for h in tail])), 4),
             "label_images_per_s": job["timings"]["images_per_second"],
         },
-        "training": {"steps": model.get("steps"), "final_loss": history[-1]["loss"] if history else None,
-                     "workers": cfg.num_workers, "zero_stage": cfg.zero_stage,
-                     "nodes": model.get("final_metrics", {}).get("nodes")},
-        "outputs": {"root": paths.root, "train_data": paths.train_data, "heldout_data": paths.heldout_data,
-                    "run": run_uri, "model": run_uri + "/model", "labels": paths.labels,
-                    "contact_sheet": paths.labels + "/previews/contact_sheet.png", "eval": paths.labels + "/eval.json"},
+        "training": {
+            "steps": model.get("steps"),
+            "final_loss": history[-1]["loss"] if history else None,
+            "workers": cfg.num_workers,
+            "zero_stage": cfg.zero_stage,
+            "nodes": model.get("final_metrics", {}).get("nodes"),
+        },
+        "outputs": {
+            "root": paths.root,
+            "train_data": paths.train_data,
+            "heldout_data": paths.heldout_data,
+            "run": run_uri,
+            "model": run_uri + "/model",
+            "labels": paths.labels,
+            "contact_sheet": paths.labels + "/previews/contact_sheet.png",
+            "eval": paths.labels + "/eval.json",
+        },
         "seconds": {k: (round(v, 1) if v is not None else "reused") for k, v in seconds.items()},
     }
 
@@ -269,11 +321,16 @@ def _print(summary: dict) -> None:
         "ClusterCAM demo summary",
         f"  held-out pseudo-label mIoU (seg head): {summary['miou']:.4f}  on {summary['heldout_images']} images",
         f"  all-background baseline mIoU:          {summary['baseline_all_background_miou']:.4f}",
-        *( [f"  CAM + PAR pseudo-label mIoU:           {summary['cam_miou']:.4f}"] if summary["cam_miou"] is not None else []),
+        *(
+            [f"  CAM + PAR pseudo-label mIoU:           {summary['cam_miou']:.4f}"]
+            if summary["cam_miou"] is not None
+            else []
+        ),
         "  per-class IoU: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["per_class_iou"].items() if v is not None),
         f"  training: {summary['training']['steps']} steps, {summary['training']['workers']} workers, "
         f"ZeRO {summary['training']['zero_stage']}, final loss {summary['training']['final_loss']}",
-        f"  throughput: ingest {t['ingest_images_per_s_incl_start']} img/s (incl. start-up), train {t['train_samples_per_s']} samples/s "
+        f"  throughput: ingest {t['ingest_images_per_s_incl_start']} img/s (incl. start-up), "
+        f"train {t['train_samples_per_s']} samples/s "
         f"(data wait {t['train_data_wait_s_per_step']} s/step), label {t['label_images_per_s']} img/s",
         "  seconds: " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()),
         f"  outputs: {out['root']} (model {out['model']}, masks {out['labels']}/masks)",

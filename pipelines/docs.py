@@ -51,7 +51,9 @@ def _escape_doc_cells(table: str) -> str:
 def config_reference() -> str:
     parts = []
     for module, cls, where in CONFIGS:
-        parts.append(f"#### `python -m {module}` ({cls.__name__}, `{where}`)\n\n{_escape_doc_cells(markdown_table(cls))}\n")
+        parts.append(
+            f"#### `python -m {module}` ({cls.__name__}, `{where}`)\n\n{_escape_doc_cells(markdown_table(cls))}\n"
+        )
     return "\n".join(parts)
 
 
@@ -76,7 +78,8 @@ def render(text: str) -> str:
         pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- end:{name} -->)", re.S)
         if not pattern.search(text):
             raise ValueError(f"README.md lacks the markers <!-- generated:{name} --> ... <!-- end:{name} -->")
-        text = pattern.sub(lambda m: m.group(1) + "\n" + build() + "\n" + m.group(2), text)
+        body = build()
+        text = pattern.sub(lambda m, body=body: m.group(1) + "\n" + body + "\n" + m.group(2), text)
     return text
 
 

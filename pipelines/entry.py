@@ -15,7 +15,7 @@ so ``ray job submit``, Kubernetes and shell scripts can branch on the status alo
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from system import storage
 
@@ -44,7 +44,9 @@ def run_main(prog: str, body: Callable[[], object], bad_input: tuple[type[BaseEx
     except Exception as exc:
         if not storage.is_transient(exc):
             raise
-        _exit(prog, EXIT_INCOMPLETE, f"incomplete: {type(exc).__name__}: {exc}; re-running the same command finishes it")
+        _exit(
+            prog, EXIT_INCOMPLETE, f"incomplete: {type(exc).__name__}: {exc}; re-running the same command finishes it"
+        )
 
 
 def _exit(prog: str, status: int, line: str) -> None:

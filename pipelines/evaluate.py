@@ -23,9 +23,9 @@ import numpy as np
 from pipelines.entry import run_main
 from system import storage
 from system.config import option, parse_cli
+from system.label.config import MaskFormat
 from system.label.inputs import ClassMismatch, Unit, plan_inputs, unit_samples
 from system.label.outputs import list_mask_keys
-from system.label.config import MaskFormat
 from system.masks import decode_mask, mask_codec
 from system.metrics import ConfusionMatrix
 from system.refine import IGNORE_INDEX
@@ -41,8 +41,12 @@ class EvaluateConfig:
     masks: str = option(doc="folder or s3:// prefix of <key>.png masks (<key><suffix> of mask_format)")
     data: str = option(doc="dataset URI (shards with mask.png) or manifest with a mask column")
     output: str = option("", doc="where to write the result JSON (empty: only print it)")
-    class_names: list[str] = option(factory=list, doc="class names, needed only for a manifest without a fixed class list")
-    missing_as_wrong: bool = option(True, doc="score images with GT but no mask as all-ignore predictions (every GT pixel a miss)")
+    class_names: list[str] = option(
+        factory=list, doc="class names, needed only for a manifest without a fixed class list"
+    )
+    missing_as_wrong: bool = option(
+        True, doc="score images with GT but no mask as all-ignore predictions (every GT pixel a miss)"
+    )
     threads: int = option(8, doc="parallel shard readers")
     mask_format: MaskFormat = option("png", doc="how the masks are stored (system.masks codecs)")
 
@@ -66,7 +70,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             if sample.key in available:
                 pred = codec.decode(storage.get_bytes(storage.join(masks_root, sample.key + codec.suffix)))
                 if pred.shape != gt.shape:
-                    raise ValueError(f"{masks_root}/{sample.key}{codec.suffix} is {pred.shape[1]}x{pred.shape[0]}, GT {gt.shape[1]}x{gt.shape[0]}")
+                    raise ValueError(
+                        f"{masks_root}/{sample.key}{codec.suffix} is {pred.shape[1]}x{pred.shape[0]}, "
+                        f"GT {gt.shape[1]}x{gt.shape[0]}"
+                    )
             elif cfg.missing_as_wrong:
                 pred = np.full_like(gt, IGNORE_INDEX)
                 missing += 1
@@ -84,9 +91,16 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             scored += s
             missing += m
     if not scored:
-        raise ValueError(f"{cfg.data}: no image with a GT mask{' and a predicted mask' if not cfg.missing_as_wrong else ''}")
-    result = {"masks": cfg.masks, "data": cfg.data, "images": scored, "missing_masks": missing,
-              **total.summary(["background", *names])}
+        raise ValueError(
+            f"{cfg.data}: no image with a GT mask{' and a predicted mask' if not cfg.missing_as_wrong else ''}"
+        )
+    result = {
+        "masks": cfg.masks,
+        "data": cfg.data,
+        "images": scored,
+        "missing_masks": missing,
+        **total.summary(["background", *names]),
+    }
     if cfg.output:
         storage.put_bytes(cfg.output, (json.dumps(result, indent=1) + "\n").encode())
     return result

@@ -15,7 +15,8 @@ import heapq
 import itertools
 import logging
 import time
-from typing import Any, Callable, Generic, Iterable, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("pipelines.fanout")
 U = TypeVar("U")
@@ -51,7 +52,8 @@ def fan_out(
     """Run ``submit(slot, unit)`` (an ObjectRef) for every unit, one call per free slot at a time.
 
     ``on_done(unit, value)`` gets every successful result in completion order; ``on_wait(in_flight)``
-    runs before each wait (queue-depth metrics); ``name(unit)`` is how log lines call a unit. Returns the units lost after ``attempts`` calls."""
+    runs before each wait (queue-depth metrics); ``name(unit)`` is how log lines call a unit. Returns the
+    units lost after ``attempts`` calls."""
     import ray
 
     fresh = iter(units)
@@ -92,8 +94,14 @@ def fan_out(
             except ray.exceptions.RayError as exc:
                 if attempt < attempts:
                     delay = backoff_s * 2 ** (attempt - 1)
-                    log.warning("%s failed (attempt %d of %d), retrying in %.0f s: %s", name(unit), attempt, attempts,
-                                delay, _one_line(exc))
+                    log.warning(
+                        "%s failed (attempt %d of %d), retrying in %.0f s: %s",
+                        name(unit),
+                        attempt,
+                        attempts,
+                        delay,
+                        _one_line(exc),
+                    )
                     heapq.heappush(retry, (time.monotonic() + delay, next(order), attempt + 1, unit))
                 else:
                     log.error("%s lost after %d attempts: %s", name(unit), attempt, _one_line(exc))

@@ -26,7 +26,7 @@ from system.data import ingest
 from system.data.shards import DatasetInfo, shard_name
 from system.data.sources import SourceConfig, build_source
 from system.data.validate import Verify
-from system.telemetry import ingest_metrics, Progress, setup_logging, start_metrics_server
+from system.telemetry import Progress, ingest_metrics, setup_logging, start_metrics_server
 
 log = logging.getLogger("pipelines.ingest")
 
@@ -40,15 +40,23 @@ class IngestConfig:
     name: str = option("", doc="dataset name (default: the last part of output)")
     shard_size: int = option(1000, doc="inputs per shard (a shard holds fewer when some are rejected)")
     num_workers: int = option(2, doc="shards written in parallel (Ray tasks in flight)")
-    shard_attempts: int = option(4, doc="tries of a shard whose task fails (storage outage, lost worker) before the "
-                                 "ingest gives up on it and exits incomplete (status 3)")
+    shard_attempts: int = option(
+        4,
+        doc="tries of a shard whose task fails (storage outage, lost worker) before the "
+        "ingest gives up on it and exits incomplete (status 3)",
+    )
     max_pixels: int = option(50_000_000, doc="images with more pixels are rejected")
-    verify: Verify = option("structure", doc="structure: file structure without a decode (JPEG markers, tables, restart "
-                            "markers and scan sizes; PNG chunks, CRCs and the inflated pixel-data size); decode: the "
-                            "structure check, then a decode of every image (JPEG at 1/8 scale)")
+    verify: Verify = option(
+        "structure",
+        doc="structure: file structure without a decode (JPEG markers, tables, restart "
+        "markers and scan sizes; PNG chunks, CRCs and the inflated pixel-data size); decode: the "
+        "structure check, then a decode of every image (JPEG at 1/8 scale)",
+    )
     progress_every_s: float = option(10.0, doc="seconds between progress lines")
     metrics_port: int = option(0, doc="Prometheus port of the driver (clustercam_ingest_*); 0: off")
-    metrics_addr: str = option("127.0.0.1", doc="address the metrics endpoint binds to (0.0.0.0 for a Prometheus on another host)")
+    metrics_addr: str = option(
+        "127.0.0.1", doc="address the metrics endpoint binds to (0.0.0.0 for a Prometheus on another host)"
+    )
 
 
 def run(cfg: IngestConfig) -> DatasetInfo:
@@ -64,21 +72,41 @@ def run(cfg: IngestConfig) -> DatasetInfo:
     source = build_source(cfg.source)
     work = ingest.plan(source, cfg.shard_size)
     settings = {"source": to_dict(cfg.source), "max_pixels": cfg.max_pixels, "verify": cfg.verify}
-    tasks = [ingest.ShardTask(i, group, output, source.class_names, ingest.fingerprint(group, source.class_names, settings),
-                              cfg.max_pixels, cfg.verify) for i, group in enumerate(work.groups)]
+    tasks = [
+        ingest.ShardTask(
+            i,
+            group,
+            output,
+            source.class_names,
+            ingest.fingerprint(group, source.class_names, settings),
+            cfg.max_pixels,
+            cfg.verify,
+        )
+        for i, group in enumerate(work.groups)
+    ]
     ingest.put_if_changed(storage.join(output, "ingest.yaml"), dump_yaml(cfg).encode())
 
     def done_before(index: int) -> dict | None:
         record = ingest.read_part(output, index)
-        if record and record.get("fingerprint") == tasks[index].fingerprint and storage.exists(storage.join(output, shard_name(index))):
+        if (
+            record
+            and record.get("fingerprint") == tasks[index].fingerprint
+            and storage.exists(storage.join(output, shard_name(index)))
+        ):
             return record
         return None
 
     with ThreadPoolExecutor(16) as pool:
         parts = list(pool.map(done_before, range(len(work.groups))))
     todo = [i for i, record in enumerate(parts) if record is None]
-    log.info("ingest: %d inputs, %d shards (%d already complete), %d rejected while listing -> %s",
-             work.inputs, len(work.groups), len(work.groups) - len(todo), len(work.rejects), output)
+    log.info(
+        "ingest: %d inputs, %d shards (%d already complete), %d rejected while listing -> %s",
+        work.inputs,
+        len(work.groups),
+        len(work.groups) - len(todo),
+        len(work.rejects),
+        output,
+    )
     metrics = ingest_metrics()
     for reject in work.rejects:
         metrics.rejects.labels(reason=reject["code"]).inc()
@@ -99,15 +127,36 @@ def run(cfg: IngestConfig) -> DatasetInfo:
                 metrics.rejects.labels(reason=reject["code"]).inc()
             progress.update(record["inputs"])
 
-        lost = fan_out(todo, range(cfg.num_workers), lambda _, i: ingest_shard.remote(source_ref, tasks[i]), done,
-                       attempts=cfg.shard_attempts, name=shard_name)
+        lost = fan_out(
+            todo,
+            range(cfg.num_workers),
+            lambda _, i: ingest_shard.remote(source_ref, tasks[i]),
+            done,
+            attempts=cfg.shard_attempts,
+            name=shard_name,
+        )
         if lost:
-            raise Incomplete(f"{len(lost)} of {len(work.groups)} shards of {output} not written (first: "
-                             f"{shard_name(lost[0].unit)}: {lost[0].error}); dataset.json was not written")
-    info = ingest.finalize(output, cfg.name or output.rsplit("/", 1)[-1], source.class_names, parts,
-                           work.rejects, work.inputs, to_dict(cfg.source))
-    log.info("ingest: %d samples in %d shards, %d rejected (%s) -> %s", info.total_samples, len(info.shards),
-             info.rejected.total, info.rejected.by_code, output)
+            raise Incomplete(
+                f"{len(lost)} of {len(work.groups)} shards of {output} not written (first: "
+                f"{shard_name(lost[0].unit)}: {lost[0].error}); dataset.json was not written"
+            )
+    info = ingest.finalize(
+        output,
+        cfg.name or output.rsplit("/", 1)[-1],
+        source.class_names,
+        parts,
+        work.rejects,
+        work.inputs,
+        to_dict(cfg.source),
+    )
+    log.info(
+        "ingest: %d samples in %d shards, %d rejected (%s) -> %s",
+        info.total_samples,
+        len(info.shards),
+        info.rejected.total,
+        info.rejected.by_code,
+        output,
+    )
     return info
 
 

@@ -41,14 +41,14 @@ from system.label.outputs import FAILURES_DIR, JOB_FILE, PREVIEWS_DIR, finalize_
 from system.label.previews import contact_sheet, png_bytes
 from system.model import CheckpointError, load_clustercam
 from system.rejects import Reject
-from system.telemetry import label_metrics, Progress, setup_logging, start_metrics_server
+from system.telemetry import Progress, label_metrics, setup_logging, start_metrics_server
 
 log = logging.getLogger("pipelines.label")
 UNITS_PER_ACTOR = 2
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def prepare(cfg: LabelConfig):
@@ -57,7 +57,9 @@ def prepare(cfg: LabelConfig):
     storage.check_readable(cfg.data)
     storage.check_writable(cfg.output)
     if cfg.crf and not crf_available():
-        raise ValueError("crf=true needs the optional 'crf' extra: pip install -e '.[crf]' (pydensecrf2, built with a C++ compiler)")
+        raise ValueError(
+            "crf=true needs the optional 'crf' extra: pip install -e '.[crf]' (pydensecrf2, built with a C++ compiler)"
+        )
     model = load_clustercam(cfg.model)
     names = model.class_names
     if cfg.class_names:
@@ -74,11 +76,21 @@ def run(cfg: LabelConfig) -> dict:
     cfg = dataclasses.replace(cfg, output=cfg.output.rstrip("/"))
     model, plan = prepare(cfg)
     names = plan.class_names
-    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     model_id = model.source_id or cfg.model
-    done = frozenset() if cfg.overwrite else frozenset(list_mask_keys(storage.join(cfg.output, "masks"), cfg.codec.suffix))
-    log.info("label %s: %d images in %d units (%s), %d masks already there, mode=%s -> %s",
-             run_id, plan.total, len(plan.units), plan.kind, len(done), cfg.mode, cfg.output)
+    done = (
+        frozenset() if cfg.overwrite else frozenset(list_mask_keys(storage.join(cfg.output, "masks"), cfg.codec.suffix))
+    )
+    log.info(
+        "label %s: %d images in %d units (%s), %d masks already there, mode=%s -> %s",
+        run_id,
+        plan.total,
+        len(plan.units),
+        plan.kind,
+        len(done),
+        cfg.mode,
+        cfg.output,
+    )
     storage.put_bytes(storage.join(cfg.output, "label.yaml"), dump_yaml(cfg).encode())
     if plan.rejects:
         lines = "".join(json.dumps(r.line(run=run_id)) + "\n" for r in plan.rejects)
@@ -89,7 +101,9 @@ def run(cfg: LabelConfig) -> dict:
     ray = start_ray()
     from workers.label import LabelActor, UnitResult
 
-    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
+    gpus = (
+        cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
+    )
     done_ref = ray.put(done)
     actor = LabelActor.options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
     actors = [actor.remote(cfg, names, run_id, i, done_ref, model_id) for i in range(cfg.num_actors)]
@@ -122,8 +136,15 @@ def run(cfg: LabelConfig) -> dict:
         metrics.queue_depth.set(len(plan.units) - finished - in_flight + max(0, in_flight - len(actors)))
 
     slots = [a for _ in range(UNITS_PER_ACTOR) for a in actors]
-    lost = fan_out(plan.units, slots, submit, done_unit, attempts=cfg.unit_attempts, on_wait=waiting,
-                   name=lambda unit: f"unit {unit.index} ({unit.uri})")
+    lost = fan_out(
+        plan.units,
+        slots,
+        submit,
+        done_unit,
+        attempts=cfg.unit_attempts,
+        on_wait=waiting,
+        name=lambda unit: f"unit {unit.index} ({unit.uri})",
+    )
     for item in lost:
         reason = f"unit {item.unit.index} lost after {item.attempts} attempts: {item.error}"
         failures.append(Reject("", item.unit.uri, "unit_lost", reason).line(run=run_id))
@@ -136,33 +157,65 @@ def run(cfg: LabelConfig) -> dict:
     final = finalize_outputs(cfg, run_id, names, seen, failed)
     preview_names = _write_previews(cfg.output, previews)
     counts = {
-        "input": plan.total, "seen": len(seen), "written": written, "skipped_existing": skipped,
-        "failed": len(failures), "masks": final["masks"], "missing": final["missing"],
-        "not_reached": max(0, plan.total - len(seen) - len(plan.rejects)), "units_lost": len(lost),
+        "input": plan.total,
+        "seen": len(seen),
+        "written": written,
+        "skipped_existing": skipped,
+        "failed": len(failures),
+        "masks": final["masks"],
+        "missing": final["missing"],
+        "not_reached": max(0, plan.total - len(seen) - len(plan.rejects)),
+        "units_lost": len(lost),
     }
     job = {
-        "format": "clustercam-label-job", "version": 1, "run": run_id,
+        "format": "clustercam-label-job",
+        "version": 1,
+        "run": run_id,
         "config": to_dict(cfg),
         "model": {"uri": cfg.model, "id": model_id, "config": dataclasses.asdict(model.cfg), "class_names": names},
-        "dataset": {"uri": cfg.data, "kind": plan.kind, "name": plan.info.name if plan.info else None,
-                    "classes": names, "images": plan.total},
+        "dataset": {
+            "uri": cfg.data,
+            "kind": plan.kind,
+            "name": plan.info.name if plan.info else None,
+            "classes": names,
+            "images": plan.total,
+        },
         "actors": infos,
         "counts": counts,
-        "complete": not lost and counts["missing"] == 0 and counts["not_reached"] == 0 and final["masks_without_stats"] == 0,
-        "consistency": {k: final[k] for k in ("masks", "stats_lines", "stats_recovered", "masks_without_stats", "missing", "missing_keys")},
+        "complete": not lost
+        and counts["missing"] == 0
+        and counts["not_reached"] == 0
+        and final["masks_without_stats"] == 0,
+        "consistency": {
+            k: final[k]
+            for k in ("masks", "stats_lines", "stats_recovered", "masks_without_stats", "missing", "missing_keys")
+        },
         "failures": failures[:1000],
         "eval": final["eval"],
         "previews": preview_names,
         "timings": {
-            "started": started, "finished": _now(), "seconds": round(time.monotonic() - t0, 3),
-            "labelling_seconds": round(pool_seconds, 3), "final_pass_seconds": final["seconds"],
+            "started": started,
+            "finished": _now(),
+            "seconds": round(time.monotonic() - t0, 3),
+            "labelling_seconds": round(pool_seconds, 3),
+            "final_pass_seconds": final["seconds"],
             "images_per_second": round(written / pool_seconds, 3) if pool_seconds > 0 else None,
         },
     }
-    storage.put_bytes(storage.join(cfg.output, JOB_FILE), (json.dumps(job, indent=1, ensure_ascii=False) + "\n").encode())
-    log.info("label %s: %d written, %d skipped, %d failed, %d missing in %.1f s (%s/s)%s", run_id, written, skipped,
-             len(failures), counts["missing"], pool_seconds, job["timings"]["images_per_second"],
-             "".join(f"; {m} mIoU {e['miou']:.4f}" for m, e in final["eval"].items()))
+    storage.put_bytes(
+        storage.join(cfg.output, JOB_FILE), (json.dumps(job, indent=1, ensure_ascii=False) + "\n").encode()
+    )
+    log.info(
+        "label %s: %d written, %d skipped, %d failed, %d missing in %.1f s (%s/s)%s",
+        run_id,
+        written,
+        skipped,
+        len(failures),
+        counts["missing"],
+        pool_seconds,
+        job["timings"]["images_per_second"],
+        "".join(f"; {m} mIoU {e['miou']:.4f}" for m, e in final["eval"].items()),
+    )
     return job
 
 
@@ -184,8 +237,10 @@ def run_complete(cfg: LabelConfig) -> dict:
     job = run(cfg)
     if not job["complete"]:
         c = job["counts"]
-        raise Incomplete(f"{cfg.output}: {c['missing'] + c['not_reached']} of {c['input']} images have no mask yet "
-                         f"({c['units_lost']} units lost, {job['consistency']['masks_without_stats']} masks without stats)")
+        raise Incomplete(
+            f"{cfg.output}: {c['missing'] + c['not_reached']} of {c['input']} images have no mask yet "
+            f"({c['units_lost']} units lost, {job['consistency']['masks_without_stats']} masks without stats)"
+        )
     return job
 
 

@@ -182,16 +182,26 @@ def _credentials(workdir: Path, create: bool = True) -> tuple[str, str]:
             creds = json.loads(path.read_text())["identities"][0]["credentials"][0]
             return creds["accessKey"], creds["secretKey"]
         except (ValueError, LookupError, TypeError) as e:
-            raise RuntimeError(f"{path}: not an identities file of this stack ({e!r}); "
-                               "delete it to get new credentials") from None
+            raise RuntimeError(
+                f"{path}: not an identities file of this stack ({e!r}); delete it to get new credentials"
+            ) from None
     if not create:
         raise RuntimeError(f"{path} is missing: the stack folder has no S3 credentials")
     access_key, secret_key = "cc" + secrets.token_hex(8), secrets.token_hex(20)
-    _write_private(path, json.dumps({"identities": [{
-        "name": "admin",
-        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))
+    _write_private(
+        path,
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "admin",
+                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        ),
+    )
     return access_key, secret_key
 
 
@@ -199,35 +209,65 @@ def _tls_files(tls: Path) -> None:
     """A CA and one certificate for both ends of every SeaweedFS connection (``ca.crt``, ``weed.crt``,
     ``weed.key``), made once per stack folder and again when expiring. The CA key is dropped: nothing
     else is ever signed, so no one can mint a client certificate later."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert_path, key_path, ca_path = tls / "weed.crt", tls / "weed.key", tls / "ca.crt"
     if key_path.exists() and ca_path.exists() and cert_path.exists():
         expires = x509.load_pem_x509_certificate(cert_path.read_bytes()).not_valid_after_utc
         if expires > now + datetime.timedelta(days=1):
             return
     _private_dir(tls)
-    valid = {"not_valid_before": now - datetime.timedelta(minutes=5),
-             "not_valid_after": now + datetime.timedelta(days=825)}
+    valid = {
+        "not_valid_before": now - datetime.timedelta(minutes=5),
+        "not_valid_after": now + datetime.timedelta(days=825),
+    }
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "clustercam local stack CA")])
-    ca = (x509.CertificateBuilder(subject_name=ca_name, issuer_name=ca_name, public_key=ca_key.public_key(),
-                                  serial_number=x509.random_serial_number(), **valid)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    cert = (x509.CertificateBuilder(subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "seaweedfs")]),
-                                    issuer_name=ca_name, public_key=key.public_key(),
-                                    serial_number=x509.random_serial_number(), **valid)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    _write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+    ca = (
+        x509.CertificateBuilder(
+            subject_name=ca_name,
+            issuer_name=ca_name,
+            public_key=ca_key.public_key(),
+            serial_number=x509.random_serial_number(),
+            **valid,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder(
+            subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "seaweedfs")]),
+            issuer_name=ca_name,
+            public_key=key.public_key(),
+            serial_number=x509.random_serial_number(),
+            **valid,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_private(
+        key_path,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
 
@@ -246,8 +286,9 @@ def _security_toml(path: Path) -> None:
                     section = section[part]
                 keys[name] = str(section["key"])
         except (tomllib.TOMLDecodeError, LookupError, TypeError) as e:
-            raise RuntimeError(f"{path}: not a security.toml of this stack ({e!r}); "
-                               "delete it to get new keys") from None
+            raise RuntimeError(
+                f"{path}: not a security.toml of this stack ({e!r}); delete it to get new keys"
+            ) from None
     cert, key, ca = 'cert = "tls/weed.crt"', 'key = "tls/weed.key"', 'ca = "tls/ca.crt"'
     lines = [line for name in _JWT_KEYS for line in (f"[{name}]", f'key = "{keys[name]}"')]
     lines += ["[access]", "ui = false", "[filer.expose_directory_metadata]", "enabled = false", "[grpc]", ca]
@@ -301,8 +342,13 @@ class S3Server:
                 sock.unlink(missing_ok=True)
 
 
-def start_s3(workdir: str | Path, buckets: tuple[str, ...] = (), timeout_s: float = 60.0,
-             detach: bool = False, ports: dict[str, int] | None = None) -> S3Server:
+def start_s3(
+    workdir: str | Path,
+    buckets: tuple[str, ...] = (),
+    timeout_s: float = 60.0,
+    detach: bool = False,
+    ports: dict[str, int] | None = None,
+) -> S3Server:
     """Start ``weed mini`` with data, credentials, keys and certificates under ``workdir`` (reused when
     there from an earlier start); returns once S3 answers. Buckets that exist already are fine.
 
@@ -316,23 +362,46 @@ def start_s3(workdir: str | Path, buckets: tuple[str, ...] = (), timeout_s: floa
     _security_toml(workdir / "security.toml")
     ports = dict(ports or zip(_WEED_SERVICES, free_ports(len(_WEED_SERVICES), grpc_pairs=True)))
     cmd = [
-        _weed_binary(), "mini",
-        "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-        f"-dir={workdir / 'data'}", f"-s3.config={workdir / 's3-identities.json'}",
-        f"-filer.localSocket={workdir / 'filer.sock'}", f"-s3.localSocket={workdir / 's3.sock'}",
+        _weed_binary(),
+        "mini",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-webdav=false",
+        "-admin.ui=false",
+        f"-dir={workdir / 'data'}",
+        f"-s3.config={workdir / 's3-identities.json'}",
+        f"-filer.localSocket={workdir / 'filer.sock'}",
+        f"-s3.localSocket={workdir / 's3.sock'}",
         *(f"-{name}.port={port}" for name, port in ports.items()),
     ]
     env = dict(os.environ, GOMEMLIMIT="256MiB")
     log = open(workdir / "weed.log", "ab")
     before = time.time()
     # umask 077: its unix sockets (some in /tmp) and files are the owner's alone
-    proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                            start_new_session=True, umask=0o077,
-                            preexec_fn=None if detach or not sys.platform.startswith("linux") else _die_with_parent)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=workdir,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+        umask=0o077,
+        preexec_fn=None if detach or not sys.platform.startswith("linux") else _die_with_parent,
+    )
     log.close()
-    server = S3Server(proc.pid, f"http://127.0.0.1:{ports['s3']}", access_key, secret_key, str(workdir), ports,
-                      started=_leader_start(proc, before))
+    server = S3Server(
+        proc.pid,
+        f"http://127.0.0.1:{ports['s3']}",
+        access_key,
+        secret_key,
+        str(workdir),
+        ports,
+        started=_leader_start(proc, before),
+    )
     client = server.client()
     deadline = time.monotonic() + timeout_s
     while True:
@@ -345,8 +414,9 @@ def start_s3(workdir: str | Path, buckets: tuple[str, ...] = (), timeout_s: floa
         except Exception:
             if time.monotonic() > deadline:
                 server.stop()
-                raise RuntimeError(f"weed mini did not answer within {timeout_s:.0f} s; "
-                                   f"see {workdir / 'weed.log'}") from None
+                raise RuntimeError(
+                    f"weed mini did not answer within {timeout_s:.0f} s; see {workdir / 'weed.log'}"
+                ) from None
             time.sleep(0.3)
     try:
         for bucket in buckets:
@@ -371,8 +441,12 @@ class RayHead:
     logs_dir: str = ""  # stop() moves the head's logs here, one folder per Ray session
 
     def env(self) -> dict[str, str]:
-        return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path,
-                **_RAY_SINGLE_MACHINE}
+        return {
+            "RAY_ADDRESS": self.address,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": self.token_path,
+            **_RAY_SINGLE_MACHINE,
+        }
 
     def stop(self) -> None:
         """End every process of the head's session (`ray stop` would kill every Ray on the machine), keep
@@ -394,8 +468,9 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_ray_head(workdir: str | Path, num_cpus: int = 2, memory_gb: float = 4.0,
-                   env: dict[str, str] | None = None) -> RayHead:
+def start_ray_head(
+    workdir: str | Path, num_cpus: int = 2, memory_gb: float = 4.0, env: dict[str, str] | None = None
+) -> RayHead:
     """``env`` is added to the head's environment, which its jobs and workers inherit: the local
     stack passes the S3 endpoint and credentials so a bare ``ray job submit`` can reach storage."""
     workdir = _private_dir(Path(workdir).resolve())
@@ -403,29 +478,72 @@ def start_ray_head(workdir: str | Path, num_cpus: int = 2, memory_gb: float = 4.
     token_path = workdir / "ray-token"
     if not token_path.exists():
         _write_private(token_path, secrets.token_hex(32))
-    (port, client_port, manager_port, object_port, metrics_port, dashboard_port, agent_port, agent_grpc_port,
-     runtime_env_port, autoscaler_metrics_port, dashboard_metrics_port) = free_ports(11)
-    env = dict(os.environ, **(env or {}), **_RAY_SINGLE_MACHINE,
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path),
-               # fixed defaults (44217, 44227) otherwise: a second head on the machine could not bind them
-               AUTOSCALER_METRIC_PORT=str(autoscaler_metrics_port), DASHBOARD_METRIC_PORT=str(dashboard_metrics_port))
+    (
+        port,
+        client_port,
+        manager_port,
+        object_port,
+        metrics_port,
+        dashboard_port,
+        agent_port,
+        agent_grpc_port,
+        runtime_env_port,
+        autoscaler_metrics_port,
+        dashboard_metrics_port,
+    ) = free_ports(11)
+    env = dict(
+        os.environ,
+        **(env or {}),
+        **_RAY_SINGLE_MACHINE,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_path),
+        # fixed defaults (44217, 44227) otherwise: a second head on the machine could not bind them
+        AUTOSCALER_METRIC_PORT=str(autoscaler_metrics_port),
+        DASHBOARD_METRIC_PORT=str(dashboard_metrics_port),
+    )
     cmd = [
-        str(Path(sys.executable).parent / "ray"), "start", "--head", f"--node-ip-address={_RAY_IP}",
-        f"--port={port}", f"--ray-client-server-port={client_port}", f"--node-manager-port={manager_port}",
-        f"--object-manager-port={object_port}", f"--metrics-export-port={metrics_port}",
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        f"--node-ip-address={_RAY_IP}",
+        f"--port={port}",
+        f"--ray-client-server-port={client_port}",
+        f"--node-manager-port={manager_port}",
+        f"--object-manager-port={object_port}",
+        f"--metrics-export-port={metrics_port}",
         # the dashboard serves `ray job submit` and the state API, which Ray Train's placement-group
         # cleaner polls every second (a warning per poll without it)
-        "--include-dashboard=true", f"--dashboard-host={_RAY_IP}", f"--dashboard-port={dashboard_port}",
-        f"--dashboard-agent-listen-port={agent_port}", f"--dashboard-agent-grpc-port={agent_grpc_port}",
-        f"--runtime-env-agent-port={runtime_env_port}", f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}",
-        f"--memory={int(memory_gb * 2**30)}", f"--object-store-memory={int(memory_gb * 2**30 / 4)}",
+        "--include-dashboard=true",
+        f"--dashboard-host={_RAY_IP}",
+        f"--dashboard-port={dashboard_port}",
+        f"--dashboard-agent-listen-port={agent_port}",
+        f"--dashboard-agent-grpc-port={agent_grpc_port}",
+        f"--runtime-env-agent-port={runtime_env_port}",
+        f"--temp-dir={temp_dir}",
+        f"--num-cpus={num_cpus}",
+        f"--memory={int(memory_gb * 2**30)}",
+        f"--object-store-memory={int(memory_gb * 2**30 / 4)}",
         "--disable-usage-stats",
     ]
     before = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            text=True, start_new_session=True)
-    head = RayHead(f"{_RAY_IP}:{port}", str(temp_dir), str(token_path), f"http://{_RAY_IP}:{dashboard_port}",
-                   session=proc.pid, started=_leader_start(proc, before), logs_dir=str(workdir / "ray-logs"))
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    head = RayHead(
+        f"{_RAY_IP}:{port}",
+        str(temp_dir),
+        str(token_path),
+        f"http://{_RAY_IP}:{dashboard_port}",
+        session=proc.pid,
+        started=_leader_start(proc, before),
+        logs_dir=str(workdir / "ray-logs"),
+    )
     out, err = proc.communicate()
     if proc.returncode != 0:
         head.stop()
@@ -444,8 +562,9 @@ def _load_state(stack_dir: Path) -> tuple[dict, S3Server, RayHead | None]:
     state = json.loads(state_path.read_text())
     s3 = state["s3"]
     access_key, secret_key = _credentials(stack_dir, create=False)
-    server = S3Server(s3["pid"], s3["endpoint"], access_key, secret_key, str(stack_dir), s3["ports"],
-                      started=s3["started"])
+    server = S3Server(
+        s3["pid"], s3["endpoint"], access_key, secret_key, str(stack_dir), s3["ports"], started=s3["started"]
+    )
     return state, server, RayHead(**state["ray"]) if "ray" in state else None
 
 
@@ -462,12 +581,21 @@ def _cmd_start(args) -> None:
     if _state_file(stack_dir).exists():
         _, server, head = _load_state(stack_dir)
         if session_processes(server.pid, server.started) or (head and session_processes(head.session, head.started)):
-            sys.exit(f"a stack is already running in {stack_dir}; "
-                     f"run `python -m pipelines.stack stop --dir {stack_dir}` first")
+            sys.exit(
+                f"a stack is already running in {stack_dir}; "
+                f"run `python -m pipelines.stack stop --dir {stack_dir}` first"
+            )
         _stop_recorded(stack_dir)  # it died without a stop: clear what it left
     server = start_s3(stack_dir, buckets=(args.bucket,), detach=True)
-    state = {"s3": {"pid": server.pid, "started": server.started, "endpoint": server.endpoint, "ports": server.ports,
-                    "bucket": args.bucket}}
+    state = {
+        "s3": {
+            "pid": server.pid,
+            "started": server.started,
+            "endpoint": server.endpoint,
+            "ports": server.ports,
+            "bucket": args.bucket,
+        }
+    }
     if args.ray:
         try:
             head = start_ray_head(stack_dir, num_cpus=args.ray_cpus, env=server.env())
@@ -476,9 +604,11 @@ def _cmd_start(args) -> None:
             raise
         state["ray"] = asdict(head)
     _state_file(stack_dir).write_text(json.dumps(state, indent=1))
-    print(f"S3 endpoint {server.endpoint}, bucket s3://{args.bucket}"
-          + (f", Ray at {head.address} (jobs: ray job submit --address {head.dashboard})" if args.ray else ""))
-    print(f"eval \"$(python -m pipelines.stack env --dir {stack_dir})\" to use it")
+    print(
+        f"S3 endpoint {server.endpoint}, bucket s3://{args.bucket}"
+        + (f", Ray at {head.address} (jobs: ray job submit --address {head.dashboard})" if args.ray else "")
+    )
+    print(f'eval "$(python -m pipelines.stack env --dir {stack_dir})" to use it')
 
 
 def _cmd_env(args) -> None:
@@ -493,8 +623,10 @@ def _cmd_env(args) -> None:
 def _cmd_stop(args) -> None:
     stack_dir = Path(args.dir).resolve()
     _stop_recorded(stack_dir)
-    print(f"stopped the stack in {stack_dir} (data kept in {stack_dir / 'data'}"
-          + (f", Ray logs in {stack_dir / 'ray-logs'})" if (stack_dir / "ray-logs").is_dir() else ")"))
+    print(
+        f"stopped the stack in {stack_dir} (data kept in {stack_dir / 'data'}"
+        + (f", Ray logs in {stack_dir / 'ray-logs'})" if (stack_dir / "ray-logs").is_dir() else ")")
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,8 +20,8 @@ from system import storage
 from system.config import dump_yaml, parse_cli, to_dict
 from system.data.shards import DatasetInfo, read_dataset
 from system.model import read_state_dict
-from system.training import TrainConfig, steps_per_epoch
 from system.telemetry import setup_logging
+from system.training import TrainConfig, steps_per_epoch
 
 log = logging.getLogger("clustercam.train")
 
@@ -39,9 +39,7 @@ def preflight(cfg: TrainConfig) -> DatasetInfo:
         raise PreflightError(f"data: {exc}") from exc
     classes = len(info.classes)
     if classes != cfg.model.num_classes:
-        raise PreflightError(
-            f"data: {cfg.data} has {classes} classes but model.num_classes is {cfg.model.num_classes}"
-        )
+        raise PreflightError(f"data: {cfg.data} has {classes} classes but model.num_classes is {cfg.model.num_classes}")
     steps_per_epoch(cfg, info.total_samples)
     if cfg.validation.data:
         try:
@@ -94,8 +92,14 @@ def run(cfg: TrainConfig):
     storage_path, filesystem = run_storage(cfg)
     log.info(
         "training %s: %d samples, %d classes, %d workers x batch %d x accumulation %d = global batch %d -> %s",
-        cfg.run_name, info.total_samples, len(info.classes), cfg.num_workers, cfg.stream.batch_size,
-        cfg.schedule.grad_accum, cfg.global_batch, cfg.run_uri(),
+        cfg.run_name,
+        info.total_samples,
+        len(info.classes),
+        cfg.num_workers,
+        cfg.stream.batch_size,
+        cfg.schedule.grad_accum,
+        cfg.global_batch,
+        cfg.run_uri(),
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -120,8 +124,10 @@ def run(cfg: TrainConfig):
     except TrainingFailedError as exc:
         if not _resumable(exc):
             raise
-        raise Incomplete(f"training {cfg.run_uri()} stopped before its last step ({_first_line(exc)}); its latest "
-                         "checkpoint is kept and a re-run resumes from it") from exc
+        raise Incomplete(
+            f"training {cfg.run_uri()} stopped before its last step ({_first_line(exc)}); its latest "
+            "checkpoint is kept and a re-run resumes from it"
+        ) from exc
 
 
 def _resumable(exc: BaseException) -> bool:
@@ -130,14 +136,21 @@ def _resumable(exc: BaseException) -> bool:
     from ray.train import WorkerGroupError
     from ray.train.v2.api.exceptions import PreemptionError
 
-    lost = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError,
-            ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError)
+    lost = (
+        ray.exceptions.ActorDiedError,
+        ray.exceptions.ActorUnavailableError,
+        ray.exceptions.NodeDiedError,
+        ray.exceptions.WorkerCrashedError,
+        ray.exceptions.ObjectLostError,
+    )
     if isinstance(exc, PreemptionError):
         return True
     if not isinstance(exc, WorkerGroupError) or not exc.worker_failures:
         return False
-    return all(isinstance(e, lost) or storage.is_transient(getattr(e, "cause", None) or e)
-               for e in exc.worker_failures.values())
+    return all(
+        isinstance(e, lost) or storage.is_transient(getattr(e, "cause", None) or e)
+        for e in exc.worker_failures.values()
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -10,7 +10,8 @@ process (``ONE_PROCESS``) the two forms are the same number.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -53,7 +54,7 @@ class Ranks:
     sum: Callable[[torch.Tensor], torch.Tensor] = _local_sum
 
     @classmethod
-    def of_process_group(cls) -> "Ranks":
+    def of_process_group(cls) -> Ranks:
         """The default torch.distributed group, or one process when none is initialised."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return cls(dist.get_world_size(), _process_group_sum)
@@ -78,9 +79,7 @@ def seg_loss_terms(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     nll = F.cross_entropy(logits.float(), labels.masked_fill(~valid, 0), reduction="none")
     bg = valid & (labels == 0)
     fg = valid & (labels != 0)
-    return SegLossTerms(
-        (nll * bg).sum(), bg.sum().to(nll.dtype), (nll * fg).sum(), fg.sum().to(nll.dtype)
-    )
+    return SegLossTerms((nll * bg).sum(), bg.sum().to(nll.dtype), (nll * fg).sum(), fg.sum().to(nll.dtype))
 
 
 def seg_loss_from_terms(terms: SegLossTerms, bg_count: torch.Tensor, fg_count: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ class ConfusionMatrix:
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.float64)
         self.missed = np.zeros(num_classes, dtype=np.float64)
 
-    def add(self, gt, pred) -> "ConfusionMatrix":
+    def add(self, gt, pred) -> ConfusionMatrix:
         gt = _as_int_array(gt)
         pred = _as_int_array(pred)
         if gt.shape != pred.shape:
@@ -35,7 +35,7 @@ class ConfusionMatrix:
         self.missed += np.bincount(gt[~inside], minlength=n)
         return self
 
-    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge {other.num_classes}-class and {self.num_classes}-class matrices")
         self.matrix += other.matrix
@@ -47,7 +47,7 @@ class ConfusionMatrix:
         return torch.from_numpy(np.concatenate([self.matrix, self.missed[:, None]], axis=1))
 
     @classmethod
-    def from_state(cls, state: torch.Tensor) -> "ConfusionMatrix":
+    def from_state(cls, state: torch.Tensor) -> ConfusionMatrix:
         state = state.detach().cpu().double().numpy()
         cm = cls(state.shape[0])
         cm.matrix = state[:, :-1].copy()

@@ -37,7 +37,9 @@ class OptimConfig:
     warmup_lr: float = option(1e-6, "learning rate at the start of warm-up")
     lr_min: float = option(1e-5, "authors: timm's lr_min; scaled: ignored (see min_lr_ratio)")
     min_lr_ratio: float = option(0.01, "scaled: final learning rate as a fraction of the peak")
-    weight_decay: float = option(0.05, "AdamW weight decay on tensors with >= 2 dims (cls_token and pos_embed included, as the authors)")
+    weight_decay: float = option(
+        0.05, "AdamW weight decay on tensors with >= 2 dims (cls_token and pos_embed included, as the authors)"
+    )
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
     eps: float = option(1e-8, "AdamW eps")
     grad_clip: float = option(0.0, "gradient-norm clipping; 0 = none (the authors clip nothing)")
@@ -115,6 +117,4 @@ def adamw(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.AdamW:
     """
     device = next(model.parameters()).device
     fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas, eps=cfg.eps, fused=fused
-    )
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas, eps=cfg.eps, fused=fused)

@@ -10,7 +10,7 @@ fraction of the work when K is large (COCO's 80 classes, 1-3 present).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,9 @@ class PAR:
     ``num_iter`` times over the 8 neighbours at each dilation.
     """
 
-    def __init__(self, dilations: Sequence[int] = PAR_DILATIONS, num_iter: int = PAR_ITERS, w1: float = 0.3, w2: float = 0.01):
+    def __init__(
+        self, dilations: Sequence[int] = PAR_DILATIONS, num_iter: int = PAR_ITERS, w1: float = 0.3, w2: float = 0.01
+    ):
         self.dilations = tuple(dilations)
         self.num_iter = num_iter
         self.w1 = w1

@@ -29,8 +29,9 @@ import socket
 import tempfile
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 import boto3
@@ -58,8 +59,16 @@ _AWS_IDENTITY = (
     "AWS_CONFIG_FILE",
     "AWS_SHARED_CREDENTIALS_FILE",
 )
-_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
-                    "Throttling", "ThrottlingException", "RequestLimitExceeded"}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+}
 _TRANSFER = TransferConfig(multipart_threshold=8 * 2**20, multipart_chunksize=8 * 2**20)
 _clients: dict[tuple, object] = {}
 _sessions: dict[tuple, boto3.session.Session] = {}
@@ -84,8 +93,16 @@ def _transient_one(exc: BaseException) -> bool:
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return str(error.get("Code", "")) in _TRANSIENT_CODES or int(status) >= 500
-    if isinstance(exc, (botocore.exceptions.HTTPClientError, botocore.exceptions.ConnectionError,
-                        botocore.exceptions.IncompleteReadError, urllib3.exceptions.HTTPError, http.client.HTTPException)):
+    if isinstance(
+        exc,
+        (
+            botocore.exceptions.HTTPClientError,
+            botocore.exceptions.ConnectionError,
+            botocore.exceptions.IncompleteReadError,
+            urllib3.exceptions.HTTPError,
+            http.client.HTTPException,
+        ),
+    ):
         return True
     return isinstance(exc, (ConnectionError, TimeoutError))
 
@@ -137,10 +154,14 @@ def _client(fast_fail: bool = False):
             session = _sessions.get(env)
             if session is None:
                 session = _sessions[env] = boto3.session.Session()
-            retries = {"mode": "standard", "max_attempts": 2} if fast_fail else {
-                "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-                "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8")),
-            }
+            retries = (
+                {"mode": "standard", "max_attempts": 2}
+                if fast_fail
+                else {
+                    "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+                    "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8")),
+                }
+            )
             config = Config(
                 retries=retries,
                 connect_timeout=5 if fast_fail else 20,
@@ -164,12 +185,15 @@ os.register_at_fork(after_in_child=_after_fork)
 def _explain(uri: str, exc: Exception) -> StorageError:
     """Turn a botocore failure into a message a person can act on, without any secret in it."""
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
-        return StorageError(f"{uri}: no AWS credentials found on host {socket.gethostname()} (set AWS_ACCESS_KEY_ID/"
-                            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE in every node's environment, or give the node an "
-                            "identity: a Kubernetes Secret, IRSA or an instance profile)")
+        return StorageError(
+            f"{uri}: no AWS credentials found on host {socket.gethostname()} (set AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE in every node's environment, or give the node an "
+            "identity: a Kubernetes Secret, IRSA or an instance profile)"
+        )
     if isinstance(exc, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
-        return StorageError(f"{uri}: cannot reach the S3 endpoint ({type(exc).__name__}); check AWS_ENDPOINT_URL",
-                            transient=True)
+        return StorageError(
+            f"{uri}: cannot reach the S3 endpoint ({type(exc).__name__}); check AWS_ENDPOINT_URL", transient=True
+        )
     if isinstance(exc, botocore.exceptions.ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -307,8 +331,9 @@ class _S3Writer:
     def _failure(self) -> Exception:
         if isinstance(self.error, botocore.exceptions.ClientError):
             return _explain(self.uri, self.error)
-        return StorageError(f"{self.uri}: upload failed ({type(self.error).__name__}: {self.error})",
-                            transient=is_transient(self.error))
+        return StorageError(
+            f"{self.uri}: upload failed ({type(self.error).__name__}: {self.error})", transient=is_transient(self.error)
+        )
 
     def finish(self) -> None:
         self.pipe.flush(self.thread.is_alive)

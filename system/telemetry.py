@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -52,14 +52,24 @@ def train_metrics() -> TrainMetrics:
     return TrainMetrics(
         samples=Counter("clustercam_train_samples", "training samples consumed", ["rank"], registry=r),
         steps=Counter("clustercam_train_steps", "optimizer steps taken", ["rank"], registry=r),
-        step_seconds=Histogram("clustercam_train_step_seconds", "wall time of one step", ["rank"], buckets=_STEP_BUCKETS, registry=r),
-        data_wait_seconds=Histogram(
-            "clustercam_data_wait_seconds", "time a step waited for its batch", ["rank"], buckets=_STEP_BUCKETS, registry=r
+        step_seconds=Histogram(
+            "clustercam_train_step_seconds", "wall time of one step", ["rank"], buckets=_STEP_BUCKETS, registry=r
         ),
-        samples_per_second=Gauge("clustercam_train_samples_per_second", "recent training throughput", ["rank"], registry=r),
+        data_wait_seconds=Histogram(
+            "clustercam_data_wait_seconds",
+            "time a step waited for its batch",
+            ["rank"],
+            buckets=_STEP_BUCKETS,
+            registry=r,
+        ),
+        samples_per_second=Gauge(
+            "clustercam_train_samples_per_second", "recent training throughput", ["rank"], registry=r
+        ),
         loss=Gauge("clustercam_train_loss", "last loss by term (total, cls, pat, seg)", ["rank", "term"], registry=r),
         learning_rate=Gauge("clustercam_train_learning_rate", "current learning rate", ["rank"], registry=r),
-        memory_bytes=Gauge("clustercam_train_memory_bytes", "peak accelerator memory (resident set on CPU)", ["rank"], registry=r),
+        memory_bytes=Gauge(
+            "clustercam_train_memory_bytes", "peak accelerator memory (resident set on CPU)", ["rank"], registry=r
+        ),
         epoch=Gauge("clustercam_train_epoch", "current epoch", ["rank"], registry=r),
     )
 
@@ -78,9 +88,15 @@ def label_metrics() -> LabelMetrics:
     r = REGISTRY
     return LabelMetrics(
         images=Counter("clustercam_label_images", "images labelled (masks written)", ["actor"], registry=r),
-        failures=Counter("clustercam_label_failures", "images that could not be labelled", ["actor", "reason"], registry=r),
-        batch_seconds=Histogram("clustercam_label_batch_seconds", "model time per batch", ["actor"], buckets=_STEP_BUCKETS, registry=r),
-        images_per_second=Gauge("clustercam_label_images_per_second", "recent labelling throughput", ["actor"], registry=r),
+        failures=Counter(
+            "clustercam_label_failures", "images that could not be labelled", ["actor", "reason"], registry=r
+        ),
+        batch_seconds=Histogram(
+            "clustercam_label_batch_seconds", "model time per batch", ["actor"], buckets=_STEP_BUCKETS, registry=r
+        ),
+        images_per_second=Gauge(
+            "clustercam_label_images_per_second", "recent labelling throughput", ["actor"], registry=r
+        ),
         queue_depth=Gauge("clustercam_label_queue_depth", "batches waiting for an actor", registry=r),
     )
 

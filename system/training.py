@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -52,7 +53,9 @@ class ScheduleConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    every_steps: int = option(500, "save a checkpoint every N optimizer steps (and at every epoch end); 0 = epoch ends only")
+    every_steps: int = option(
+        500, "save a checkpoint every N optimizer steps (and at every epoch end); 0 = epoch ends only"
+    )
     keep: int = option(2, "checkpoints kept by Ray (oldest deleted first)")
     async_upload: bool = option(True, "upload checkpoints in the background instead of stalling the step")
 
@@ -112,7 +115,9 @@ class TrainConfig:
         "null = random",
     )
     model: ClusterCAMConfig = option(factory=ClusterCAMConfig, doc="network shape")
-    stream: StreamConfig = option(factory=StreamConfig, doc="data stream; stream.batch_size is the micro-batch per worker")
+    stream: StreamConfig = option(
+        factory=StreamConfig, doc="data stream; stream.batch_size is the micro-batch per worker"
+    )
     schedule: ScheduleConfig = option(factory=ScheduleConfig, doc="epochs and the segmentation phase")
     optim: OptimConfig = option(factory=OptimConfig, doc="AdamW and learning rate")
     deepspeed: DeepSpeedConfig = option(factory=DeepSpeedConfig, doc="DeepSpeed engine")
@@ -139,7 +144,9 @@ class TrainConfig:
         if self.schedule.grad_accum < 1:
             raise ValueError(f"schedule.grad_accum must be >= 1, got {self.schedule.grad_accum}")
         if not 1 <= self.schedule.cam_layers <= self.model.depth:
-            raise ValueError(f"schedule.cam_layers must be 1..model.depth ({self.model.depth}), got {self.schedule.cam_layers}")
+            raise ValueError(
+                f"schedule.cam_layers must be 1..model.depth ({self.model.depth}), got {self.schedule.cam_layers}"
+            )
 
     @property
     def global_batch(self) -> int:
@@ -162,7 +169,9 @@ def _cams(model: ClusterCAM, images: torch.Tensor, cfg: ScheduleConfig, train_mo
         model.train(was_training)
 
 
-def make_pseudo_labels(model: ClusterCAM, images: torch.Tensor, labels: torch.Tensor, cfg: ScheduleConfig) -> torch.Tensor:
+def make_pseudo_labels(
+    model: ClusterCAM, images: torch.Tensor, labels: torch.Tensor, cfg: ScheduleConfig
+) -> torch.Tensor:
     """docs/method.md §b.3 step 2: multi-scale CAM (no grad) -> label-masked -> PAR pseudo labels."""
     cams = _cams(model, images, cfg, cfg.cam_train_mode)
     return pseudo_labels(denormalize(images), cams, labels, cfg.bg_threshold, cfg.ignore_delta)

@@ -40,7 +40,7 @@ def entry_point(command: str) -> tuple[str, list[str]] | None:
     words = shlex.split(command)
     for i, word in enumerate(words[:-1]):
         if word == "-m" and words[i + 1].startswith("pipelines."):
-            return words[i + 1], words[i + 2:]
+            return words[i + 1], words[i + 2 :]
     return None
 
 

@@ -41,7 +41,9 @@ def make_voc(root: Path, n: int = 10) -> dict:
             (root / "SegmentationClass" / f"{sample_id}.png").write_bytes(encode_mask(mask))
             truth[sample_id] = (classes, mask)
         else:
-            objects = "".join(f"<object><name>{VOC_CLASSES[k]}</name><difficult>0</difficult></object>" for k in classes)
+            objects = "".join(
+                f"<object><name>{VOC_CLASSES[k]}</name><difficult>0</difficult></object>" for k in classes
+            )
             (root / "Annotations" / f"{sample_id}.xml").write_text(f"<annotation>{objects}</annotation>")
             truth[sample_id] = (classes, None)
     (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids) + "\n")
@@ -76,12 +78,21 @@ def make_coco(root: Path, n: int = 8) -> tuple[dict, list[int]]:
             truth[name[:-4]] = ([], None)  # no annotations at all: a "no labels" reject
             continue
         for k in classes:
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat_ids[k], "iscrowd": 0,
-                         "area": float((mask == k + 1).sum()), "segmentation": _polygons(mask, k + 1)})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": cat_ids[k],
+                    "iscrowd": 0,
+                    "area": float((mask == k + 1).sum()),
+                    "segmentation": _polygons(mask, k + 1),
+                }
+            )
         truth[name[:-4]] = (classes, mask)
     categories = [{"id": c, "name": f"cat{c}", "supercategory": "x"} for c in cat_ids]
     (root / "annotations" / "instances_train2017.json").write_text(
-        json.dumps({"images": images, "annotations": anns, "categories": categories}))
+        json.dumps({"images": images, "annotations": anns, "categories": categories})
+    )
     return truth, cat_ids
 
 

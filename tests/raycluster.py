@@ -66,21 +66,39 @@ class LocalCluster:
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         temp = tempfile.mkdtemp(prefix="ccrh-", dir="/tmp")
         self.temp_dirs.append(temp)
-        self._start([
-            "--head", f"--node-ip-address={self.head_ip}", f"--port={self.gcs_port}", f"--num-cpus={num_cpus}",
-            f"--temp-dir={temp}", "--include-dashboard=true", f"--dashboard-host={self.head_ip}",
-            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
-            "--memory=3000000000", "--object-store-memory=200000000", "--disable-usage-stats", *self._ports(),
-        ])
+        self._start(
+            [
+                "--head",
+                f"--node-ip-address={self.head_ip}",
+                f"--port={self.gcs_port}",
+                f"--num-cpus={num_cpus}",
+                f"--temp-dir={temp}",
+                "--include-dashboard=true",
+                f"--dashboard-host={self.head_ip}",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={free_port()}",
+                "--memory=3000000000",
+                "--object-store-memory=200000000",
+                "--disable-usage-stats",
+                *self._ports(),
+            ]
+        )
 
     def add_node(self, ip: str, num_cpus: int = 1) -> None:
         temp = tempfile.mkdtemp(prefix="ccrw-", dir="/tmp")
         self.temp_dirs.append(temp)
-        self._start([
-            f"--address={self.head_ip}:{self.gcs_port}", f"--node-ip-address={ip}", f"--num-cpus={num_cpus}",
-            f"--temp-dir={temp}", "--memory=3000000000", "--object-store-memory=200000000", "--disable-usage-stats",
-            *self._ports(),
-        ])
+        self._start(
+            [
+                f"--address={self.head_ip}:{self.gcs_port}",
+                f"--node-ip-address={ip}",
+                f"--num-cpus={num_cpus}",
+                f"--temp-dir={temp}",
+                "--memory=3000000000",
+                "--object-store-memory=200000000",
+                "--disable-usage-stats",
+                *self._ports(),
+            ]
+        )
 
     def wait_for_nodes(self, count: int, timeout: float = 60) -> None:
         script = "import ray; ray.init(address='auto'); print(len([n for n in ray.nodes() if n['Alive']]))"

@@ -31,8 +31,13 @@ def distributed():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.MonkeyPatch.context() as env:
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                           "LOCAL_RANK": "0"}.items():
+        for key, value in {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+        }.items():
             env.setenv(key, value)
         # only DeepSpeed's inference uses this op, and its JIT build takes over a minute on CPU
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

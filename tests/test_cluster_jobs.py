@@ -29,11 +29,26 @@ def test_ray_job_submit_trains_one_worker_per_node(two_node_cluster, s3_root):
     data = s3_root + "/datasets/synthetic"
     build_synthetic(data, num_images=16, num_classes=4, image_size=64, shard_size=4)
     command = [
-        RAY, "job", "submit", f"--address={two_node_cluster.dashboard}",
-        "--runtime-env=infra/ray/job-runtime-env.yaml", "--",
-        sys.executable, "-m", "pipelines.train", "--config", "configs/tiny.yaml",
-        f"data={data}", f"output={s3_root}", "run_name=submitted", "num_workers=2", "placement_strategy=SPREAD",
-        "max_steps=2", "schedule.steps_per_epoch=2", "stream.batch_size=2", "stream.num_workers=0",
+        RAY,
+        "job",
+        "submit",
+        f"--address={two_node_cluster.dashboard}",
+        "--runtime-env=infra/ray/job-runtime-env.yaml",
+        "--",
+        sys.executable,
+        "-m",
+        "pipelines.train",
+        "--config",
+        "configs/tiny.yaml",
+        f"data={data}",
+        f"output={s3_root}",
+        "run_name=submitted",
+        "num_workers=2",
+        "placement_strategy=SPREAD",
+        "max_steps=2",
+        "schedule.steps_per_epoch=2",
+        "stream.batch_size=2",
+        "stream.num_workers=0",
     ]
     done = subprocess.run(command, env=two_node_cluster.env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

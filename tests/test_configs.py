@@ -24,10 +24,20 @@ def test_train_configs_parse(name):
 
 def test_paper_recipes():
     voc = load_config(TrainConfig, "configs/voc.yaml", ["data=d", "output=o"])
-    assert (voc.global_batch, voc.schedule.epochs, voc.schedule.seg_start_epoch, voc.stream.image_size) == (9, 80, 50, 448)
+    assert (voc.global_batch, voc.schedule.epochs, voc.schedule.seg_start_epoch, voc.stream.image_size) == (
+        9,
+        80,
+        50,
+        448,
+    )
     assert (voc.schedule.bg_threshold, voc.schedule.ignore_delta, voc.optim.lr_schedule) == (0.40, 0.10, "authors")
     coco = load_config(TrainConfig, "configs/coco.yaml", ["data=d", "output=o"])
-    assert (coco.global_batch, coco.schedule.epochs, coco.schedule.seg_start_epoch, coco.model.num_classes) == (6, 60, 40, 80)
+    assert (coco.global_batch, coco.schedule.epochs, coco.schedule.seg_start_epoch, coco.model.num_classes) == (
+        6,
+        60,
+        40,
+        80,
+    )
     assert coco.schedule.bg_threshold == 0.43
 
 
@@ -37,8 +47,18 @@ def test_offload_needs_a_zero_stage_that_partitions():
         load_config(TrainConfig, "configs/tiny.yaml", base + ["deepspeed.offload_optimizer=true"])
     with pytest.raises(ValueError, match="deepspeed.offload_params needs zero_stage 3, got 2"):
         load_config(TrainConfig, "configs/tiny.yaml", base + ["deepspeed.offload_params=true", "zero_stage=2"])
-    cfg = load_config(TrainConfig, "configs/voc.yaml", base + ["model.embed_dim=1024", "model.depth=24", "model.num_heads=16",
-                                                              "zero_stage=3", "deepspeed.offload_optimizer=true"])
+    cfg = load_config(
+        TrainConfig,
+        "configs/voc.yaml",
+        base
+        + [
+            "model.embed_dim=1024",
+            "model.depth=24",
+            "model.num_heads=16",
+            "zero_stage=3",
+            "deepspeed.offload_optimizer=true",
+        ],
+    )
     assert (cfg.zero_stage, cfg.model.embed_dim, cfg.deepspeed.offload_optimizer) == (3, 1024, True)
 
 
@@ -52,8 +72,12 @@ def test_labelling_makes_cams_as_the_model_was_trained(tmp_path):
     assert load_config(TrainConfig, "configs/tiny.yaml", ["data=d", "output=o"]).schedule.cam_p2p_refine is False
     assert load_config(TrainConfig, "configs/voc.yaml", ["data=d", "output=o"]).schedule.cam_p2p_refine is True
     small = {"num_classes": 2, "embed_dim": 24, "depth": 2, "num_heads": 2, "img_size": 32, "decoder_channels": 8}
-    export_model(build_clustercam(**small), str(tmp_path / "m"), class_names=["a", "b"],
-                 extra={"cam": {"layers": 2, "p2p_refine": False}})
+    export_model(
+        build_clustercam(**small),
+        str(tmp_path / "m"),
+        class_names=["a", "b"],
+        extra={"cam": {"layers": 2, "p2p_refine": False}},
+    )
     trained = load_clustercam(str(tmp_path / "m"))
     cfg = load_config(LabelConfig, "configs/label-tiny.yaml", ["model=m", "data=d", "output=o"])
     labeller = Labeller(trained, cfg, ["a", "b"])

@@ -3,7 +3,8 @@
 The demo starts its own S3 server and Ray head, ingests two synthetic splits, trains 2 DeepSpeed
 workers for a few steps (into the segmentation phase), labels the held-out split, evaluates and
 stops everything. Afterwards the test brings the S3 server back on the demo's data folder and checks
-every artefact of the data contracts (README, "How it fits together"), then runs the demo again to check that it reuses them.
+every artefact of the data contracts (README, "How it fits together"), then runs the demo again to
+check that it reuses them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ pytestmark = pytest.mark.slow
 
 CLASSES, SIZE, TRAIN, HELDOUT = 3, 48, 24, 6
 ARGS = [
-    f"num_classes={CLASSES}", f"image_size={SIZE}", f"train_images={TRAIN}", f"heldout_images={HELDOUT}", "shard_size=6",
+    f"num_classes={CLASSES}",
+    f"image_size={SIZE}",
+    f"train_images={TRAIN}",
+    f"heldout_images={HELDOUT}",
+    "shard_size=6",
     "ray_cpus=2",
     f"train=[model.num_classes={CLASSES},model.img_size={SIZE},stream.image_size={SIZE},stream.batch_size=3,"
     "stream.num_workers=0,schedule.steps_per_epoch=2,schedule.seg_start_epoch=1,max_steps=4]",
@@ -40,8 +45,14 @@ HISTORY_KEYS = {"epoch", "step", "loss", "loss_cls", "loss_pat", "loss_seg", "lr
 
 def _run_demo(workdir) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
-    return subprocess.run([sys.executable, "-m", "pipelines.demo", f"dir={workdir}", *ARGS], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.demo", f"dir={workdir}", *ARGS],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _alive_with(marker: str) -> list[str]:
@@ -82,7 +93,10 @@ def test_demo_prints_the_summary_and_stops_what_it_started(demo):
     assert "ClusterCAM demo summary" in done.stdout and "mIoU" in done.stdout
     started = summary["stopped_at_exit"]
     assert set(started) == {"s3", "ray"}
-    assert not psutil.pid_exists(started["s3"]["pid"]) or psutil.Process(started["s3"]["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert (
+        not psutil.pid_exists(started["s3"]["pid"])
+        or psutil.Process(started["s3"]["pid"]).status() == psutil.STATUS_ZOMBIE
+    )
     assert _alive_with(started["ray"]["temp_dir"]) == []
     assert _alive_with(str(workdir)) == []
     for name in ("contact_sheet", "label_job", "eval", "model_json", "history", "summary"):
@@ -99,8 +113,12 @@ def test_no_ray_session_file_no_stored_object_and_no_output_holds_the_secret_key
     secret = creds["secretKey"].encode()
     ray_records = workdir / "stack" / "ray-logs"
     assert any(ray_records.glob("session_*/logs/runtime_env_agent.log")), "the Ray session's records were not kept"
-    searched = [p for root in (ray_records, workdir / "stack" / "data", workdir / "outputs")
-                for p in root.rglob("*") if p.is_file()]
+    searched = [
+        p
+        for root in (ray_records, workdir / "stack" / "data", workdir / "outputs")
+        for p in root.rglob("*")
+        if p.is_file()
+    ]
     assert len(searched) > 20
     assert [str(p) for p in searched if secret in p.read_bytes()] == []
     assert secret.decode() not in done.stdout + done.stderr
@@ -153,7 +171,11 @@ def test_labels_follow_the_mask_contract(demo_s3):
     out = demo_s3 + "/labels/demo-heldout"
     job = json.loads(storage.get_bytes(out + "/label_job.json"))
     assert job["complete"] and job["counts"]["masks"] == HELDOUT and job["counts"]["failed"] == 0
-    stats = [json.loads(line) for key in storage.list_uris(out + "/stats") for line in storage.get_bytes(key).decode().splitlines()]
+    stats = [
+        json.loads(line)
+        for key in storage.list_uris(out + "/stats")
+        for line in storage.get_bytes(key).decode().splitlines()
+    ]
     assert len({s["key"] for s in stats}) == HELDOUT
     for s in stats:
         png = Image.open(io.BytesIO(storage.get_bytes(f"{out}/masks/{s['key']}.png")))

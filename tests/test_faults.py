@@ -27,8 +27,14 @@ from tests.test_label import export_tiny, synthetic_sample, write_dataset
 
 
 def _entry(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env or dict(os.environ),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env or dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @ray.remote(num_cpus=0.1)
@@ -43,8 +49,14 @@ def _flaky(unit: str, marks: str) -> str:
 def test_fan_out_requeues_failed_units_and_returns_those_that_keep_failing(ray_cluster, tmp_path):
     done: dict[str, str] = {}
     units = ["a", "b", "broken", "c"]
-    lost = fan_out(units, slots=range(2), submit=lambda _, u: _flaky.remote(u, str(tmp_path)),
-                   on_done=done.__setitem__, attempts=3, backoff_s=0.05)
+    lost = fan_out(
+        units,
+        slots=range(2),
+        submit=lambda _, u: _flaky.remote(u, str(tmp_path)),
+        on_done=done.__setitem__,
+        attempts=3,
+        backoff_s=0.05,
+    )
     assert done == {"a": "A", "b": "B", "c": "C"}, "each flaky unit succeeds on its second call"
     assert [(item.unit, item.attempts) for item in lost] == [("broken", 3)]
     assert "ConnectionResetError" in lost[0].error and "reset while writing broken" in lost[0].error
@@ -62,10 +74,15 @@ def test_bad_input_exits_2_with_one_line_naming_it(tmp_path):
 
 def test_an_unreachable_object_store_exits_3_and_says_a_rerun_finishes(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
-    env.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_ports(1)[0]}", AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s",
-               AWS_DEFAULT_REGION="us-east-1")
-    done = _entry("pipelines.ingest", "output=s3://bucket/datasets/x", "source.format=synthetic", "source.num_images=4",
-                  env=env)
+    env.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_ports(1)[0]}",
+        AWS_ACCESS_KEY_ID="k",
+        AWS_SECRET_ACCESS_KEY="s",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    done = _entry(
+        "pipelines.ingest", "output=s3://bucket/datasets/x", "source.format=synthetic", "source.num_images=4", env=env
+    )
     assert done.returncode == 3, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("ingest: incomplete:") and "re-running the same command finishes it" in last
@@ -93,10 +110,25 @@ def test_s3_killed_and_restarted_under_a_labelling_job_never_leaves_it_incomplet
             write_dataset(f"{root}/data", [synthetic_sample(i)[:2] for i in range(24)], shard_size=4)
             model = export_tiny(f"{root}/model")
             job_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-            args = [f"model={model}", f"data={root}/data", f"output={root}/out", "scales=[0.5,1.0,1.5]", "batch_size=1",
-                    "num_actors=1", "precision=fp32", "flush_every=4", "threads_per_actor=1"]
-            proc = subprocess.Popen([sys.executable, "-m", "pipelines.label", *args], cwd=REPO, env=job_env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            args = [
+                f"model={model}",
+                f"data={root}/data",
+                f"output={root}/out",
+                "scales=[0.5,1.0,1.5]",
+                "batch_size=1",
+                "num_actors=1",
+                "precision=fp32",
+                "flush_every=4",
+                "threads_per_actor=1",
+            ]
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pipelines.label", *args],
+                cwd=REPO,
+                env=job_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             try:
                 deadline = time.monotonic() + 240
                 while len(_masks(f"{root}/out")) < 3:
@@ -113,8 +145,14 @@ def test_s3_killed_and_restarted_under_a_labelling_job_never_leaves_it_incomplet
             if proc.returncode != 0:
                 assert proc.returncode == 3, out[-3000:]
                 assert "re-running the same command finishes it" in out.strip().splitlines()[-1]
-                rerun = subprocess.run([sys.executable, "-m", "pipelines.label", *args], cwd=REPO, env=job_env,
-                                       capture_output=True, text=True, timeout=420)
+                rerun = subprocess.run(
+                    [sys.executable, "-m", "pipelines.label", *args],
+                    cwd=REPO,
+                    env=job_env,
+                    capture_output=True,
+                    text=True,
+                    timeout=420,
+                )
                 assert rerun.returncode == 0, rerun.stderr[-3000:]
             job = json.loads(storage.get_bytes(f"{root}/out/label_job.json"))
             assert job["complete"] and job["counts"]["failed"] == 0, job["failures"][:3]

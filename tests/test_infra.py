@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import ray
@@ -58,7 +57,9 @@ def test_raycluster_runs_our_image_on_gpu_workers_with_credentials_from_secrets(
     head = spec["headGroupSpec"]
     groups = spec["workerGroupSpecs"]
     assert head["rayStartParams"]["num-cpus"] == "0", "the head must not take work from the GPU pool"
-    gpu_groups = [g for g in groups if any("nvidia.com/gpu" in c["resources"]["limits"] for c in _containers(g["template"]))]
+    gpu_groups = [
+        g for g in groups if any("nvidia.com/gpu" in c["resources"]["limits"] for c in _containers(g["template"]))
+    ]
     assert gpu_groups, "a GPU worker group is required"
     for group in gpu_groups:
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
@@ -73,7 +74,9 @@ def test_raycluster_runs_our_image_on_gpu_workers_with_credentials_from_secrets(
                 assert source["secretRef"]["name"] in secrets
             env = {e["name"]: e["value"] for e in container["env"]}
             assert env["RAY_AUTH_MODE"] == "token"
-            token_mount = next(m for m in container["volumeMounts"] if env["RAY_AUTH_TOKEN_PATH"].startswith(m["mountPath"] + "/"))
+            token_mount = next(
+                m for m in container["volumeMounts"] if env["RAY_AUTH_TOKEN_PATH"].startswith(m["mountPath"] + "/")
+            )
             assert mounts[token_mount["name"]]["secret"]["secretName"] in secrets
     s3 = secrets[_containers(head["template"])[0]["envFrom"][0]["secretRef"]["name"]]
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(s3["stringData"])
@@ -82,7 +85,11 @@ def test_raycluster_runs_our_image_on_gpu_workers_with_credentials_from_secrets(
 def test_rayjobs_target_the_raycluster_and_run_valid_entry_points():
     (cluster,) = _docs("raycluster.yaml")
     jobs = _docs("rayjobs.yaml")
-    assert {entry_point(j["spec"]["entrypoint"])[0] for j in jobs} == {"pipelines.ingest", "pipelines.train", "pipelines.label"}
+    assert {entry_point(j["spec"]["entrypoint"])[0] for j in jobs} == {
+        "pipelines.ingest",
+        "pipelines.train",
+        "pipelines.label",
+    }
     for job in jobs:
         assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
         assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
@@ -99,8 +106,15 @@ def test_entry_point_check_rejects_unknown_keys_and_missing_config_files():
 
 def test_cluster_launcher_config_has_gpu_workers_running_our_image():
     cfg = yaml.safe_load((INFRA / "cluster.yaml").read_text())
-    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers",
-                "head_start_ray_commands", "worker_start_ray_commands"):
+    for key in (
+        "cluster_name",
+        "provider",
+        "available_node_types",
+        "head_node_type",
+        "max_workers",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ):
         assert key in cfg, key
     assert cfg["docker"]["image"] == _image()
     types = cfg["available_node_types"]
@@ -129,15 +143,27 @@ def test_prometheus_scrapes_the_ports_the_configs_and_manifests_use():
     train_targets = jobs["clustercam-train"]["static_configs"][0]["targets"]
     assert all(t.startswith("127.0.0.1:") for t in train_targets), "local jobs bind loopback only"
     (cluster,) = _docs("raycluster.yaml")
-    declared = {p["name"] for g in cluster["spec"]["workerGroupSpecs"] for c in _containers(g["template"]) for p in c["ports"]}
-    keep = [r for r in jobs["kubernetes-clustercam"]["relabel_configs"]
-            if r.get("action") == "keep" and r["source_labels"] == ["__meta_kubernetes_pod_container_port_name"]]
+    declared = {
+        p["name"] for g in cluster["spec"]["workerGroupSpecs"] for c in _containers(g["template"]) for p in c["ports"]
+    }
+    keep = [
+        r
+        for r in jobs["kubernetes-clustercam"]["relabel_configs"]
+        if r.get("action") == "keep" and r["source_labels"] == ["__meta_kubernetes_pod_container_port_name"]
+    ]
     scraped = {name for name in declared if re.fullmatch(keep[0]["regex"], name)}
-    assert {n for n in declared if n.startswith("cc-train")} <= scraped and {n for n in declared if n.startswith("cc-label")} <= scraped
+    assert {n for n in declared if n.startswith("cc-train")} <= scraped and {
+        n for n in declared if n.startswith("cc-label")
+    } <= scraped
     (train_job,) = [j for j in _docs("rayjobs.yaml") if "pipelines.train" in j["spec"]["entrypoint"]]
     port = int(re.search(r"metrics\.port=(\d+)", train_job["spec"]["entrypoint"]).group(1))
     assert "metrics.addr=0.0.0.0" in train_job["spec"]["entrypoint"], "pods are scraped from outside"
-    assert port in {p["containerPort"] for g in cluster["spec"]["workerGroupSpecs"] for c in _containers(g["template"]) for p in c["ports"]}
+    assert port in {
+        p["containerPort"]
+        for g in cluster["spec"]["workerGroupSpecs"]
+        for c in _containers(g["template"])
+        for p in c["ports"]
+    }
 
 
 def test_grafana_dashboard_queries_only_registered_metrics_and_covers_the_mission():
@@ -152,8 +178,14 @@ def test_grafana_dashboard_queries_only_registered_metrics_and_covers_the_missio
             for name in re.findall(r"\bclustercam_\w+", target["expr"]):
                 assert name in samples, f"panel {panel['title']!r} queries {name}, which no job exposes"
                 used.add(samples[name])
-    for family in ("clustercam_train_samples", "clustercam_train_step_seconds", "clustercam_data_wait_seconds",
-                   "clustercam_train_loss", "clustercam_label_images", "clustercam_label_queue_depth"):
+    for family in (
+        "clustercam_train_samples",
+        "clustercam_train_step_seconds",
+        "clustercam_data_wait_seconds",
+        "clustercam_train_loss",
+        "clustercam_label_images",
+        "clustercam_label_queue_depth",
+    ):
         assert family in used, f"the dashboard lacks {family}"
     assert {v["name"] for v in dash["templating"]["list"]} >= {"datasource"}
 

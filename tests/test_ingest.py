@@ -27,8 +27,11 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def _ingest(output: str, shard_size: int = 4, **source) -> DatasetInfo:
-    return run(IngestConfig(output=output, source=SourceConfig(**source), shard_size=shard_size,
-                            num_workers=2, progress_every_s=0.0))
+    return run(
+        IngestConfig(
+            output=output, source=SourceConfig(**source), shard_size=shard_size, num_workers=2, progress_every_s=0.0
+        )
+    )
 
 
 def _check_counts(info: DatasetInfo, samples: dict) -> None:
@@ -58,11 +61,19 @@ def test_voc_authors_label_file_and_id_list(tmp_path, s3_root):
     root = tmp_path / "VOC2012"
     truth = inputs.make_voc(root, n=6)
     ids = list(truth)[:4]
-    table = {i: np.isin(np.arange(20), [k for k in range(20) if k in truth[i][0]] + [19]).astype(np.float32) for i in ids}
+    table = {
+        i: np.isin(np.arange(20), [k for k in range(20) if k in truth[i][0]] + [19]).astype(np.float32) for i in ids
+    }
     np.save(tmp_path / "cls_labels.npy", table)
     (tmp_path / "train_aug_id.txt").write_text("\n".join(ids) + "\n")
-    info = _ingest(s3_root, format="voc", path=str(root), ids_file=str(tmp_path / "train_aug_id.txt"),
-                   labels_file=str(tmp_path / "cls_labels.npy"), masks=False)
+    info = _ingest(
+        s3_root,
+        format="voc",
+        path=str(root),
+        ids_file=str(tmp_path / "train_aug_id.txt"),
+        labels_file=str(tmp_path / "cls_labels.npy"),
+        masks=False,
+    )
     samples = inputs.read_samples(s3_root)
     assert info.total_samples == 4 and info.samples_with_masks == 0
     for i in ids:
@@ -92,8 +103,9 @@ def test_coco_tags_contiguous_classes_and_rasterised_masks(tmp_path, s3_root):
 
 def test_openimages_verified_positives_and_class_subset(tmp_path, s3_root):
     truth = inputs.make_openimages(tmp_path / "oi")
-    info = _ingest(s3_root, format="openimages", path=str(tmp_path / "oi"), split="train",
-                   classes=["Class 3", "/m/01x", "Class 0"])
+    info = _ingest(
+        s3_root, format="openimages", path=str(tmp_path / "oi"), split="train", classes=["Class 3", "/m/01x", "Class 0"]
+    )
     samples = inputs.read_samples(s3_root)
     _check_counts(info, samples)
     assert info.classes == ["Class 3", "Class 1", "Class 0"]
@@ -140,10 +152,15 @@ def test_bad_inputs_are_rejected_with_reasons_and_counts_add_up(tmp_path, s3_roo
     rgb = (np.random.default_rng(3).random((40, 40, 3)) * 255).astype(np.uint8)
     good = _encoded(rgb)
     files = {
-        "good.jpg": good, "zero.jpg": b"", "trunc.jpg": good[: len(good) // 2],
-        "garbage.jpg": np.random.default_rng(4).bytes(2000), "notes.txt": b"just text",
-        "cmyk.jpg": _encoded(rgb, mode="CMYK"), "grey.jpg": _encoded(rgb, mode="L"),
-        "alpha.png": _encoded(rgb, "PNG", "RGBA"), "old.bmp": _encoded(rgb, "BMP"),
+        "good.jpg": good,
+        "zero.jpg": b"",
+        "trunc.jpg": good[: len(good) // 2],
+        "garbage.jpg": np.random.default_rng(4).bytes(2000),
+        "notes.txt": b"just text",
+        "cmyk.jpg": _encoded(rgb, mode="CMYK"),
+        "grey.jpg": _encoded(rgb, mode="L"),
+        "alpha.png": _encoded(rgb, "PNG", "RGBA"),
+        "old.bmp": _encoded(rgb, "BMP"),
         "deep.png": _encoded(rgb[..., 0].astype(np.uint16) * 250, "PNG"),
         "huge.png": _encoded(np.zeros((100, 100, 3), np.uint8), "PNG"),
         "mask_small.png": _encoded(np.zeros((20, 20), np.uint8), "PNG"),
@@ -151,27 +168,50 @@ def test_bad_inputs_are_rejected_with_reasons_and_counts_add_up(tmp_path, s3_roo
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     rows = [
-        ("good", "good.jpg", ["a"], None, None), ("zero", "zero.jpg", ["a"], None, "empty"),
-        ("trunc", "trunc.jpg", ["a"], None, "corrupt"), ("garbage", "garbage.jpg", ["a"], None, "unreadable"),
-        ("text", "notes.txt", ["a"], None, "unreadable"), ("cmyk", "cmyk.jpg", ["a"], None, "cmyk"),
-        ("grey", "grey.jpg", ["a"], None, None), ("alpha", "alpha.png", ["b"], None, None),
-        ("bmp", "old.bmp", ["b"], None, None), ("deep", "deep.png", ["a"], None, "unsupported_mode"),
-        ("huge", "huge.png", ["a"], None, "too_large"), ("unknown", "good.jpg", ["a", "zebra"], None, "unknown_class"),
-        ("nolabel", "good.jpg", [], None, "no_labels"), ("good", "grey.jpg", ["a"], None, "duplicate_id"),
-        ("../x", "good.jpg", ["a"], None, "unsafe_id"), ("/", "good.jpg", ["a"], None, "unsafe_id"),
-        ("with space", "good.jpg", ["a"], None, None), ("ünï", "good.jpg", ["b"], None, None),
-        ("badmask", "good.jpg", ["a"], "mask_small.png", "mask_size"), ("missing", "absent.jpg", ["a"], None, "not_found"),
+        ("good", "good.jpg", ["a"], None, None),
+        ("zero", "zero.jpg", ["a"], None, "empty"),
+        ("trunc", "trunc.jpg", ["a"], None, "corrupt"),
+        ("garbage", "garbage.jpg", ["a"], None, "unreadable"),
+        ("text", "notes.txt", ["a"], None, "unreadable"),
+        ("cmyk", "cmyk.jpg", ["a"], None, "cmyk"),
+        ("grey", "grey.jpg", ["a"], None, None),
+        ("alpha", "alpha.png", ["b"], None, None),
+        ("bmp", "old.bmp", ["b"], None, None),
+        ("deep", "deep.png", ["a"], None, "unsupported_mode"),
+        ("huge", "huge.png", ["a"], None, "too_large"),
+        ("unknown", "good.jpg", ["a", "zebra"], None, "unknown_class"),
+        ("nolabel", "good.jpg", [], None, "no_labels"),
+        ("good", "grey.jpg", ["a"], None, "duplicate_id"),
+        ("../x", "good.jpg", ["a"], None, "unsafe_id"),
+        ("/", "good.jpg", ["a"], None, "unsafe_id"),
+        ("with space", "good.jpg", ["a"], None, None),
+        ("ünï", "good.jpg", ["b"], None, None),
+        ("badmask", "good.jpg", ["a"], "mask_small.png", "mask_size"),
+        ("missing", "absent.jpg", ["a"], None, "not_found"),
     ]
-    lines = [json.dumps({"id": i, "image": img, "labels": lab} | ({"mask": m} if m else {})) for i, img, lab, m, _ in rows]
+    lines = [
+        json.dumps({"id": i, "image": img, "labels": lab} | ({"mask": m} if m else {})) for i, img, lab, m, _ in rows
+    ]
     lines.insert(3, "{not json")
     (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    counted = lambda reason: REGISTRY.get_sample_value("clustercam_ingest_rejects_total", {"reason": reason}) or 0
+
+    def counted(reason: str) -> float:
+        return REGISTRY.get_sample_value("clustercam_ingest_rejects_total", {"reason": reason}) or 0
+
     before = {reason: counted(reason) for reason in ("cmyk", "unsafe_id", "malformed")}
-    info = run(IngestConfig(output=s3_root, source=SourceConfig(format="manifest", path=str(tmp_path / "manifest.jsonl"),
-                                                                  classes=["a", "b"]),
-                            shard_size=5, max_pixels=5000, progress_every_s=0.0))
+    info = run(
+        IngestConfig(
+            output=s3_root,
+            source=SourceConfig(format="manifest", path=str(tmp_path / "manifest.jsonl"), classes=["a", "b"]),
+            shard_size=5,
+            max_pixels=5000,
+            progress_every_s=0.0,
+        )
+    )
     samples = inputs.read_samples(s3_root)
-    rejects = [json.loads(line) for line in storage.get_bytes(storage.join(s3_root, "rejects.jsonl")).decode().splitlines()]
+    rejects = [
+        json.loads(line) for line in storage.get_bytes(storage.join(s3_root, "rejects.jsonl")).decode().splitlines()
+    ]
     assert info.inputs == len(rows) + 1
     assert info.total_samples + len(rejects) == info.inputs == info.total_samples + info.rejected.total
     got = {(r["id"], r["code"]) for r in rejects}
@@ -215,8 +255,12 @@ def test_killed_ingest_resumes_to_the_same_dataset(tmp_path, s3_root, ray_cluste
     _ingest(reference, shard_size=4, format="synthetic", num_images=240, image_size=64)
     target = storage.join(s3_root, "killed", "ds")
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.address_info["gcs_address"], PYTHONPATH=os.getcwd())
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.ingest", f"output={target}", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.ingest", f"output={target}", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not any("_parts/" in u for u in storage.list_uris(target)):
         assert proc.poll() is None and time.monotonic() < deadline, "the ingest ended before writing a shard"
@@ -227,7 +271,10 @@ def test_killed_ingest_resumes_to_the_same_dataset(tmp_path, s3_root, ray_cluste
     assert 0 < len(done) < 60 and not storage.exists(storage.join(target, "dataset.json")), "killed half-way"
     _ingest(target, shard_size=4, format="synthetic", num_images=240, image_size=64)
     ref, got = inputs.snapshot(reference), inputs.snapshot(target)
-    strip = lambda snap, root: {u[len(root):]: b for u, b in snap.items() if not u.endswith("ingest.yaml")}
+
+    def strip(snap, root):
+        return {u[len(root) :]: b for u, b in snap.items() if not u.endswith("ingest.yaml")}
+
     assert strip(got, target) == strip(ref, reference)
 
 
@@ -236,9 +283,21 @@ def test_cli_config_names_bad_keys(tmp_path):
         load_config(IngestConfig, overrides=["output=/tmp/x", "source.formt=voc"])
     with pytest.raises(ConfigError, match="source.format"):
         load_config(IngestConfig, overrides=["output=/tmp/x", "source.format=imagenet"])
-    cfg = load_config(IngestConfig, overrides=["output=s3://b/d", "source.format=synthetic", "source.num_images=7",
-                                                "source.num_classes=3", "source.image_size=64", "source.seed=2",
-                                                "source.split=val", "source.path=", "shard_size=3", "num_workers=1"])
+    cfg = load_config(
+        IngestConfig,
+        overrides=[
+            "output=s3://b/d",
+            "source.format=synthetic",
+            "source.num_images=7",
+            "source.num_classes=3",
+            "source.image_size=64",
+            "source.seed=2",
+            "source.split=val",
+            "source.path=",
+            "shard_size=3",
+            "num_workers=1",
+        ],
+    )
     assert (cfg.source.num_images, cfg.shard_size, cfg.output) == (7, 3, "s3://b/d")
 
 

@@ -28,8 +28,14 @@ def _variants() -> list[bytes]:
     out = []
     for i in range(4):
         image = Image.open(io.BytesIO(render(i, 6, 96, seed=3)[0]))
-        for kwargs in ({}, {"progressive": True}, {"restart_marker_blocks": 2}, {"subsampling": 0},
-                       {"optimize": True}, {"progressive": True, "restart_marker_blocks": 3}):
+        for kwargs in (
+            {},
+            {"progressive": True},
+            {"restart_marker_blocks": 2},
+            {"subsampling": 0},
+            {"optimize": True},
+            {"progressive": True, "restart_marker_blocks": 3},
+        ):
             out.append(_jpeg(image, quality=85, **kwargs))
         out.append(_jpeg(image.convert("L")))
         odd = image.resize((91 - 10 * i, 53 + 7 * i))
@@ -51,8 +57,10 @@ DAMAGES = (
 def damaged(files: list[bytes], count: int, seed: int = 7, damages=DAMAGES) -> list[tuple[str, bytes]]:
     """``count`` damaged copies of ``files`` (each ``damage(rng, data)``), labelled for messages."""
     rng = random.Random(seed)
-    return [(f"damage {n % len(damages)} of file {n % len(files)}",
-             damages[n % len(damages)](rng, files[n % len(files)])) for n in range(count)]
+    return [
+        (f"damage {n % len(damages)} of file {n % len(files)}", damages[n % len(damages)](rng, files[n % len(files)]))
+        for n in range(count)
+    ]
 
 
 def _decodes(data: bytes) -> bool:
@@ -160,17 +168,20 @@ def test_restart_markers_must_be_exactly_where_the_restart_interval_puts_them():
     last = progressive.rindex(b"\xff\xda")
     cut = progressive.index(b"\xff\xd0", last)
     scans = progressive.count(b"\xff\xda")
-    _refused_by_both_modes(progressive[:cut] + progressive[cut + 2 :],
-                           f"scan {scans} has 46 restart markers where its 144 MCUs at an interval of 3 need 47")
+    _refused_by_both_modes(
+        progressive[:cut] + progressive[cut + 2 :],
+        f"scan {scans} has 46 restart markers where its 144 MCUs at an interval of 3 need 47",
+    )
 
 
 def test_a_scan_cut_to_a_stub_is_refused():
     """Cut after a few bytes and closed with EOI, the file has all its markers; libjpeg decodes it
     with a warning (grey from there on). Each block needs a DC and an AC Huffman code (2+ bits each
     in the standard tables): 216 blocks need 108 bytes."""
-    for data, reason in ((_variants()[0], "scan 1 holds 6 bytes of entropy-coded data where its 216 blocks need "
-                                          "at least 108"),
-                         (_variants()[1], "scan 1 holds 6 bytes of entropy-coded data where its 216 blocks need")):
+    for data, reason in (
+        (_variants()[0], "scan 1 holds 6 bytes of entropy-coded data where its 216 blocks need at least 108"),
+        (_variants()[1], "scan 1 holds 6 bytes of entropy-coded data where its 216 blocks need"),
+    ):
         sos = data.index(b"\xff\xda")
         stub = data[: sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big") + 6] + b"\xff\xd9"
         assert _decodes(stub)

@@ -25,14 +25,19 @@ from system.label.config import LabelConfig
 from system.label.infer import Labeller, model_size, size_batches, to_input
 from system.label.inputs import ClassMismatch, Sample, check_classes, plan_inputs, unit_samples
 from system.label.outputs import (
-    OutputWriter, confusion_from_sparse, finalize_outputs, list_mask_keys, mask_stats, sparse_confusion,
+    OutputWriter,
+    confusion_from_sparse,
+    finalize_outputs,
+    list_mask_keys,
+    mask_stats,
+    sparse_confusion,
 )
 from system.label.previews import contact_sheet, overlay
 from system.masks import decode_mask, encode_mask, mask_codec
-from system.rejects import Reject
 from system.metrics import ConfusionMatrix
 from system.model import build_clustercam, export_model
 from system.refine import denormalize, pseudo_labels
+from system.rejects import Reject
 
 K = 3
 NAMES = synthetic_names(K)
@@ -60,8 +65,9 @@ def synthetic_sample(i: int, size: int = 64) -> tuple[str, list[tuple[str, bytes
     return escape_id(meta["id"]), members, mask, classes
 
 
-def write_dataset(root: str, samples: list[tuple[str, list[tuple[str, bytes]]]], shard_size: int = 4,
-                  names=NAMES) -> DatasetInfo:
+def write_dataset(
+    root: str, samples: list[tuple[str, list[tuple[str, bytes]]]], shard_size: int = 4, names=NAMES
+) -> DatasetInfo:
     """A dataset in the ingest's exact format (shards, then dataset.json via ``finalize``)."""
     parts = []
     for index, start in enumerate(range(0, len(samples), shard_size)):
@@ -69,7 +75,16 @@ def write_dataset(root: str, samples: list[tuple[str, list[tuple[str, bytes]]]],
         with storage.open_write(storage.join(root, shard_name(index))) as f:
             size, sha = write_tar(f, group)
         masks = sum(any(ext == "mask.png" for ext, _ in members) for _, members in group)
-        parts.append({"name": shard_name(index), "samples": len(group), "masks": masks, "bytes": size, "sha256": sha, "rejects": []})
+        parts.append(
+            {
+                "name": shard_name(index),
+                "samples": len(group),
+                "masks": masks,
+                "bytes": size,
+                "sha256": sha,
+                "rejects": [],
+            }
+        )
     return finalize(root, "test", list(names), parts, [], len(samples), {"format": "test"})
 
 
@@ -173,14 +188,29 @@ def test_unreadable_images_fail_alone_with_a_reason():
     model = tiny_model()
     good = [sample(i) for i in range(3)]
     bad = Sample("bad", "bad", (0,), b"\xff\xd8 not a jpeg", None, "shard-x")
-    flagged = Sample("meta", "meta", (), None, None, "shard-x",
-                     Reject("meta", "shard-x", "malformed", "bad sample metadata (KeyError)", "meta"))
+    flagged = Sample(
+        "meta",
+        "meta",
+        (),
+        None,
+        None,
+        "shard-x",
+        Reject("meta", "shard-x", "malformed", "bad sample metadata (KeyError)", "meta"),
+    )
     wrong_gt = Sample("gt", "gt", (0,), good[0].image, encode_mask(np.zeros((5, 5), np.uint8)), "shard-x")
     out = run_all(labeller(model, scales=[1.0]), [good[0], bad, good[1], flagged, wrong_gt, good[2]])
     failures = {o.key: o.reason for o in out if isinstance(o, Reject)}
     assert set(failures) == {"bad", "meta", "gt"}
-    assert {o.key: o.code for o in out if isinstance(o, Reject)} == {"bad": "corrupt", "meta": "malformed", "gt": "mask_size"}
-    assert failures["bad"].startswith("unreadable image") and "metadata" in failures["meta"] and "GT mask is 5x5" in failures["gt"]
+    assert {o.key: o.code for o in out if isinstance(o, Reject)} == {
+        "bad": "corrupt",
+        "meta": "malformed",
+        "gt": "mask_size",
+    }
+    assert (
+        failures["bad"].startswith("unreadable image")
+        and "metadata" in failures["meta"]
+        and "GT mask is 5x5" in failures["gt"]
+    )
     assert sorted(o.sample.key for o in out if not isinstance(o, Reject)) == sorted(s.key for s in good)
 
 
@@ -235,7 +265,12 @@ def test_mask_png_carries_its_stats_line_and_stays_a_palette_png():
         mask_codec("tiff")
     stats = mask_stats(mask, ["a", "b"])
     assert stats["classes"] == ["a", "b"]
-    assert stats["fractions"] == {"background": round(2 / 6, 6), "a": round(1 / 6, 6), "b": round(2 / 6, 6), "ignore": round(1 / 6, 6)}
+    assert stats["fractions"] == {
+        "background": round(2 / 6, 6),
+        "a": round(1 / 6, 6),
+        "b": round(2 / 6, 6),
+        "ignore": round(1 / 6, 6),
+    }
 
 
 def test_sparse_confusion_sums_to_the_direct_matrix():

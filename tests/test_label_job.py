@@ -33,7 +33,7 @@ from system.label.outputs import list_mask_keys
 from system.masks import decode_mask, encode_mask, mask_codec
 from system.metrics import ConfusionMatrix
 from system.model import build_clustercam, export_model, load_clustercam
-from tests.test_label import K, NAMES, TINY, export_tiny, jpeg, synthetic_sample, write_dataset
+from tests.test_label import NAMES, TINY, K, export_tiny, jpeg, synthetic_sample, write_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALES = [0.75, 1.0]
@@ -60,8 +60,18 @@ def seg_job(s3_bucket, ray_cluster):
     samples = [synthetic_sample(i)[:2] for i in range(10)] + _odd_samples()
     write_dataset(f"{root}/data", samples, shard_size=4)
     model_uri = export_tiny(f"{root}/model")
-    cfg = LabelConfig(model=model_uri, data=f"{root}/data", output=f"{root}/out", scales=SCALES, batch_size=3,
-                      num_actors=2, max_side=96, precision="fp32", num_previews=4, flush_every=4)
+    cfg = LabelConfig(
+        model=model_uri,
+        data=f"{root}/data",
+        output=f"{root}/out",
+        scales=SCALES,
+        batch_size=3,
+        num_actors=2,
+        max_side=96,
+        precision="fp32",
+        num_previews=4,
+        flush_every=4,
+    )
     job = run(cfg)
     return cfg, job, samples
 
@@ -96,17 +106,32 @@ def test_seg_job_masks_match_predict_probs_and_the_contract(seg_job):
 def test_seg_job_reports_failures_stats_eval_and_previews(seg_job):
     cfg, job, samples = seg_job
     counts = job["counts"]
-    assert counts == {"input": 13, "seen": 13, "written": 12, "skipped_existing": 0, "failed": 1, "masks": 12,
-                      "missing": 0, "not_reached": 0, "units_lost": 0}
+    assert counts == {
+        "input": 13,
+        "seen": 13,
+        "written": 12,
+        "skipped_existing": 0,
+        "failed": 1,
+        "masks": 12,
+        "missing": 0,
+        "not_reached": 0,
+        "units_lost": 0,
+    }
     assert job["complete"] and job["failures"][0]["key"] == "broken"
     assert job["failures"][0]["reason"].startswith("unreadable image")
-    failure_lines = [json.loads(line) for uri in storage.list_uris(storage.join(cfg.output, "failures"))
-                     for line in storage.get_bytes(uri).decode().splitlines()]
+    failure_lines = [
+        json.loads(line)
+        for uri in storage.list_uris(storage.join(cfg.output, "failures"))
+        for line in storage.get_bytes(uri).decode().splitlines()
+    ]
     assert [f["key"] for f in failure_lines] == ["broken"]
     stored = json.loads(storage.get_bytes(storage.join(cfg.output, "label_job.json")))
     assert stored["run"] == job["run"] and stored["model"]["class_names"] == NAMES
-    lines = [json.loads(line) for uri in storage.list_uris(storage.join(cfg.output, "stats"))
-             for line in storage.get_bytes(uri).decode().splitlines()]
+    lines = [
+        json.loads(line)
+        for uri in storage.list_uris(storage.join(cfg.output, "stats"))
+        for line in storage.get_bytes(uri).decode().splitlines()
+    ]
     assert sorted(line["key"] for line in lines) == sorted(key for key, _ in samples if key != "broken")
     line = next(line for line in lines if line["key"] == "big")
     assert line["model"] == "tiny-0" and line["id"] == "big" and (line["width"], line["height"]) == (230, 150)
@@ -146,17 +171,30 @@ def test_manifest_both_modes_with_gt(s3_root, ray_cluster):
         key, members, gt, classes = synthetic_sample(20 + i)
         storage.put_bytes(f"{s3_root}/images/{i}.jpg", dict(members)["jpg"])
         storage.put_bytes(f"{s3_root}/gt/{i}.png", encode_mask(gt))
-        rows.append({"id": f"m{i}", "image": f"images/{i}.jpg", "mask": f"gt/{i}.png", "labels": [NAMES[k] for k in classes]})
+        rows.append(
+            {"id": f"m{i}", "image": f"images/{i}.jpg", "mask": f"gt/{i}.png", "labels": [NAMES[k] for k in classes]}
+        )
         gts[f"m{i}"] = gt
     rows.append({"id": "gone", "image": "images/missing.jpg", "labels": []})
     storage.put_bytes(f"{s3_root}/manifest.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     model_uri = export_tiny(f"{s3_root}/model")
     port = _free_port()
-    cfg = LabelConfig(model=model_uri, data=f"{s3_root}/manifest.jsonl", output=f"{s3_root}/out", mode="both",
-                      scales=[1.0], cam_scales=[1.0], precision="fp32", num_previews=2, metrics_port=port)
+    cfg = LabelConfig(
+        model=model_uri,
+        data=f"{s3_root}/manifest.jsonl",
+        output=f"{s3_root}/out",
+        mode="both",
+        scales=[1.0],
+        cam_scales=[1.0],
+        precision="fp32",
+        num_previews=2,
+        metrics_port=port,
+    )
     job = run(cfg)
     assert job["actors"][0]["metrics_port"] == port + 1
-    assert "clustercam_label_queue_depth 0.0" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    assert (
+        "clustercam_label_queue_depth 0.0" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    )
     assert job["counts"]["written"] == 3 and job["counts"]["failed"] == 1
     assert "cannot read image" in job["failures"][0]["reason"]
     direct = {"seg": ConfusionMatrix(K + 1), "cam": ConfusionMatrix(K + 1)}
@@ -180,12 +218,15 @@ def _free_port() -> int:
 
 
 def _stats_lines(cfg) -> list[dict]:
-    return [json.loads(line) for uri in storage.list_uris(storage.join(cfg.output, "stats"))
-            for line in storage.get_bytes(uri).decode().splitlines()]
+    return [
+        json.loads(line)
+        for uri in storage.list_uris(storage.join(cfg.output, "stats"))
+        for line in storage.get_bytes(uri).decode().splitlines()
+    ]
 
 
 def _masks_with_times(cfg) -> dict[str, tuple]:
-    bucket, prefix = cfg.output[len("s3://"):].split("/", 1)
+    bucket, prefix = cfg.output[len("s3://") :].split("/", 1)
     client = storage._client()
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/masks/"):
@@ -199,13 +240,36 @@ def test_killed_job_rerun_writes_each_remaining_mask_once(s3_root, ray_cluster):
     samples = [synthetic_sample(i) for i in range(n)]
     write_dataset(f"{s3_root}/data", [s[:2] for s in samples], shard_size=20)
     model_uri = export_tiny(f"{s3_root}/model")
-    args = [f"model={model_uri}", f"data={s3_root}/data", f"output={s3_root}/out", "mode=seg", "scales=[0.5,1.0,1.5]",
-            "batch_size=1", "num_actors=1", "precision=fp32", "flush_every=1000", "threads_per_actor=1"]
+    args = [
+        f"model={model_uri}",
+        f"data={s3_root}/data",
+        f"output={s3_root}/out",
+        "mode=seg",
+        "scales=[0.5,1.0,1.5]",
+        "batch_size=1",
+        "num_actors=1",
+        "precision=fp32",
+        "flush_every=1000",
+        "threads_per_actor=1",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address_info["address"], "PYTHONPATH": REPO}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.label", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    cfg = LabelConfig(model=model_uri, data=f"{s3_root}/data", output=f"{s3_root}/out", scales=[0.5, 1.0, 1.5],
-                      batch_size=4, num_actors=2, precision="fp32")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.label", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    cfg = LabelConfig(
+        model=model_uri,
+        data=f"{s3_root}/data",
+        output=f"{s3_root}/out",
+        scales=[0.5, 1.0, 1.5],
+        batch_size=4,
+        num_actors=2,
+        precision="fp32",
+    )
     try:
         deadline = time.monotonic() + 120
         while len(list_mask_keys(storage.join(cfg.output, "masks"))) < 8:
@@ -239,6 +303,6 @@ def test_killed_job_rerun_writes_each_remaining_mask_once(s3_root, ray_cluster):
     # masks of the killed run whose lines were still buffered get them back from their PNG
     assert job["consistency"]["stats_recovered"] == len(before) - len(flushed)
     direct = ConfusionMatrix(K + 1)  # the evaluation covers both runs' masks exactly
-    for key, members, gt, _ in samples:
+    for key, _, gt, _ in samples:
         direct.add(gt, _read_mask(cfg, key))
     assert job["eval"]["seg"]["miou"] == pytest.approx(direct.miou(), abs=1e-12) and job["eval"]["seg"]["images"] == n

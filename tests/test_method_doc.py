@@ -10,7 +10,9 @@ METHOD = REPO / "docs" / "method.md"
 SOURCES = ("system", "workers", "pipelines", "benchmarks", "configs", "tests", "infra", "docs")
 ROOT_FILES = ("README.md", "pyproject.toml", "Makefile")
 STEP = r"(?: steps? [\d-]+)?"
-CITATION = re.compile(rf"docs/method\.md (§[a-e](?:\.\d+)?(?:-[a-e]\.\d+)?{STEP}(?:, §[a-e]\.\d+(?:-[a-e]\.\d+)?{STEP})*)")
+CITATION = re.compile(
+    rf"docs/method\.md (§[a-e](?:\.\d+)?(?:-[a-e]\.\d+)?{STEP}(?:, §[a-e]\.\d+(?:-[a-e]\.\d+)?{STEP})*)"
+)
 SECTION_ID = re.compile(r"[§-]([a-e](?:\.\d+)?)")
 
 

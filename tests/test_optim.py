@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from system.model import build_clustercam
 import torch
 
+from system.model import build_clustercam
 from system.optim import OptimConfig, learning_rate, param_groups, set_step_hyperparams
 from tests.golden import LR_SCHEDULE
 
@@ -18,7 +17,9 @@ def test_authors_schedule_reproduces_the_reference(recipe, epochs):
     ref = json.loads(LR_SCHEDULE.read_text())[recipe]
     cfg = OptimConfig(lr_schedule="authors")
     steps_per_epoch = 7
-    got = [learning_rate(cfg, ref["batch_size"], epochs, steps_per_epoch, e * steps_per_epoch + 3) for e in range(epochs)]
+    got = [
+        learning_rate(cfg, ref["batch_size"], epochs, steps_per_epoch, e * steps_per_epoch + 3) for e in range(epochs)
+    ]
     assert got == pytest.approx(ref["lr_used_during_epoch"], rel=1e-12, abs=0)
     assert OptimConfig().lr_per_512 * ref["batch_size"] / 512 == pytest.approx(ref["base_lr"], rel=1e-12)
 

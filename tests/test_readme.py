@@ -50,7 +50,11 @@ def test_setup_comes_first_with_the_two_commands_and_ci_runs_the_test_command():
     assert first.startswith("Set-up and tests")
     commands = shell_lines(_blocks(_section(first))[0])
     assert commands == ["make test", "make demo"]
-    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    ci = [
+        line
+        for line in (REPO / ".ci" / "run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd "))
+    ]
     assert ci == ["make test"]
     makefile = (REPO / "Makefile").read_text()
     for target in ("test", "demo", "venv", "docs"):
@@ -107,15 +111,23 @@ def ray_head(s3_server, tmp_path):
 def test_readme_cluster_commands_run_with_ray_job_submit(ray_head, s3_root):
     commands = _cluster_commands()
     assert [entry_point(c)[0] for c in commands] == ["pipelines.ingest", "pipelines.train", "pipelines.label"]
-    env = {**ray_head.env, "RAY_ADDRESS": ray_head.dashboard, "ROOT": s3_root, "PY": sys.executable,
-           "PATH": f"{Path(RAY).parent}:{os.environ['PATH']}"}
+    env = {
+        **ray_head.env,
+        "RAY_ADDRESS": ray_head.dashboard,
+        "ROOT": s3_root,
+        "PY": sys.executable,
+        "PATH": f"{Path(RAY).parent}:{os.environ['PATH']}",
+    }
     for command in commands:
         assert command.startswith("ray job submit --runtime-env infra/ray/job-runtime-env.yaml -- $PY -m pipelines.")
         module = entry_point(command)[0]
         line = command + " " + " ".join(shlex.quote(a) for a in TEST_SIZE[module])
-        done = subprocess.run(["bash", "-euo", "pipefail", "-c", line], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=400)
-        assert done.returncode == 0 and "succeeded" in done.stdout + done.stderr, f"{module}:\n" + done.stdout[-3000:] + done.stderr[-3000:]
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", line], cwd=REPO, env=env, capture_output=True, text=True, timeout=400
+        )
+        assert done.returncode == 0 and "succeeded" in done.stdout + done.stderr, (
+            f"{module}:\n" + done.stdout[-3000:] + done.stderr[-3000:]
+        )
     info = json.loads(storage.get_bytes(s3_root + "/datasets/synthetic/dataset.json"))
     assert info["total_samples"] == 12 and len(info["classes"]) == 4
     model = json.loads(storage.get_bytes(s3_root + "/runs/tiny-cluster/model/model.json"))

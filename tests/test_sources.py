@@ -72,10 +72,18 @@ def test_image_checks_accept_good_and_convertible_images():
     assert ext == "png" and np.array_equal(np.asarray(Image.open(io.BytesIO(out))), RGB)
 
 
-@pytest.mark.parametrize("case,code", [
-    ("empty", "empty"), ("truncated", "corrupt"), ("garbage", "unreadable"), ("text", "unreadable"),
-    ("cmyk", "cmyk"), ("sixteen_bit", "unsupported_mode"), ("enormous", "too_large"),
-])
+@pytest.mark.parametrize(
+    "case,code",
+    [
+        ("empty", "empty"),
+        ("truncated", "corrupt"),
+        ("garbage", "unreadable"),
+        ("text", "unreadable"),
+        ("cmyk", "cmyk"),
+        ("sixteen_bit", "unsupported_mode"),
+        ("enormous", "too_large"),
+    ],
+)
 def test_image_checks_reject_bad_images_with_reason(case, code):
     good = _jpeg(RGB)
     data = {
@@ -260,7 +268,11 @@ def test_tar_reader_reads_what_tarfile_writes(fmt):
     files = list(shards.read_tar(io.BytesIO(out.getvalue())))
     assert files == [(name, bytes([i]) * 600 * i) for i, name in enumerate(names)]
     samples = list(shards.group_samples(files))
-    assert [sorted(s) for s in samples] == [["__key__", "jpg", "json"], ["__key__", "jpg"], ["__key__", "jpg", "mask.png"]]
+    assert [sorted(s) for s in samples] == [
+        ["__key__", "jpg", "json"],
+        ["__key__", "jpg"],
+        ["__key__", "jpg", "mask.png"],
+    ]
     assert samples[0]["__key__"] == "d/a" and samples[2]["__key__"] == "B"
 
 
@@ -301,8 +313,10 @@ def _dataset_json() -> dict:
         "version": shards.FORMAT_VERSION,
         "name": "voc-ü",
         "classes": ["aeroplane", "bicycle"],
-        "shards": [{"name": "shard-000000.tar", "samples": 2, "bytes": 10240, "sha256": "ab" * 32},
-                   {"name": "shard-000001.tar", "samples": 1, "bytes": 5120, "sha256": "cd" * 32}],
+        "shards": [
+            {"name": "shard-000000.tar", "samples": 2, "bytes": 10240, "sha256": "ab" * 32},
+            {"name": "shard-000001.tar", "samples": 1, "bytes": 5120, "sha256": "cd" * 32},
+        ],
         "total_samples": 3,
         "total_bytes": 15360,
         "samples_with_masks": 1,
@@ -329,18 +343,21 @@ def test_keys_a_newer_version_added_are_kept_and_written_back(tmp_path):
     assert json.loads(info.encode()) == raw and list(json.loads(info.encode())) == list(raw)
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda d: d.pop("classes"), "'classes' is missing"),
-    (lambda d: d.update(total_samples="3"), "'total_samples' must be int, got str"),
-    (lambda d: d.update(inputs=True), "'inputs' must be int, got bool"),
-    (lambda d: d.update(total_bytes=-1), "'total_bytes' must not be negative"),
-    (lambda d: d["shards"][1].pop("sha256"), r"shards\[1\]: field 'sha256' is missing"),
-    (lambda d: d["shards"].__setitem__(0, "shard-000000.tar"), r"shards\[0\]: must be an object"),
-    (lambda d: d["rejected"]["by_code"].update(cmyk="1"), r"rejected.by_code: field 'cmyk' must be int"),
-    (lambda d: d.update(classes=["a", 2]), "'classes' must be a list of strings"),
-    (lambda d: d.update(total_samples=4), "'total_samples' is 4 but the shards hold 3 samples"),
-    (lambda d: d.update(version=2), "unsupported dataset format 'clustercam-wds' v2"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda d: d.pop("classes"), "'classes' is missing"),
+        (lambda d: d.update(total_samples="3"), "'total_samples' must be int, got str"),
+        (lambda d: d.update(inputs=True), "'inputs' must be int, got bool"),
+        (lambda d: d.update(total_bytes=-1), "'total_bytes' must not be negative"),
+        (lambda d: d["shards"][1].pop("sha256"), r"shards\[1\]: field 'sha256' is missing"),
+        (lambda d: d["shards"].__setitem__(0, "shard-000000.tar"), r"shards\[0\]: must be an object"),
+        (lambda d: d["rejected"]["by_code"].update(cmyk="1"), r"rejected.by_code: field 'cmyk' must be int"),
+        (lambda d: d.update(classes=["a", 2]), "'classes' must be a list of strings"),
+        (lambda d: d.update(total_samples=4), "'total_samples' is 4 but the shards hold 3 samples"),
+        (lambda d: d.update(version=2), "unsupported dataset format 'clustercam-wds' v2"),
+    ],
+)
 def test_a_malformed_dataset_json_is_an_error_naming_the_file_and_the_field(tmp_path, change, field):
     raw = _dataset_json()
     change(raw)

@@ -28,8 +28,9 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 
 def stack(*args: str, env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "pipelines.stack", *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.stack", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=180
+    )
     assert (result.returncode == 0) == ok, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -40,8 +41,13 @@ def exported(text: str) -> dict[str, str]:
 
 def signed_client(folder: Path):
     env = exported(stack("env", "--dir", str(folder)).stdout)
-    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
 
 
 def weed_processes(state: dict) -> list[psutil.Process]:
@@ -56,8 +62,9 @@ def listening(procs: list[psutil.Process]) -> set[tuple[str, int]]:
     found = set()
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
-            found |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections("inet")
-                      if c.status == psutil.CONN_LISTEN}
+            found |= {
+                (c.laddr.ip, c.laddr.port) for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN
+            }
     return found
 
 
@@ -122,8 +129,16 @@ def test_seaweedfs_answers_only_signed_s3_requests_on_every_port(running):
     # master, volume, filer, s3, admin: HTTP and gRPC (HTTP + 10000) each
     assert {p for _, p in ports} >= {p + offset for p in state["s3"]["ports"].values() for offset in (0, 10000)}
 
-    reads = [f"/{bucket}/secret.txt", f"/buckets/{bucket}/secret.txt", f"/buckets/{bucket}/", "/dir/assign",
-             "/dir/status", "/vol/status", "/cluster/status", "/"]
+    reads = [
+        f"/{bucket}/secret.txt",
+        f"/buckets/{bucket}/secret.txt",
+        f"/buckets/{bucket}/",
+        "/dir/assign",
+        "/dir/status",
+        "/vol/status",
+        "/cluster/status",
+        "/",
+    ]
     writes = [f"/{bucket}/anon.txt", f"/buckets/{bucket}/anon.txt", "/submit", "/dir/assign", "/anonbucket"]
     answers = {}
     for address in sorted(ports):
@@ -164,12 +179,22 @@ def test_stack_start_env_job_and_stop(started):
     job_env = dict(os.environ, **env)
     job_env.pop("RAY_ADDRESS")
     code = "from system import storage; storage.put_bytes('s3://ccstack/hello.txt', b'hi')"
-    job = subprocess.run([RAY, "job", "submit", "--address", state["ray"]["dashboard"], "--", sys.executable, "-c",
-                          code], cwd=REPO, env=job_env, capture_output=True, text=True, timeout=180)
+    job = subprocess.run(
+        [RAY, "job", "submit", "--address", state["ray"]["dashboard"], "--", sys.executable, "-c", code],
+        cwd=REPO,
+        env=job_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
     check = "from system import storage; print(storage.get_bytes('s3://ccstack/hello.txt').decode())"
-    assert subprocess.run([sys.executable, "-c", check], cwd=REPO, env=job_env, capture_output=True,
-                          text=True, timeout=60).stdout.strip() == "hi"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", check], cwd=REPO, env=job_env, capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+        == "hi"
+    )
     assert len(weed_processes(state)) >= 1 and len(ray_processes(state)) >= 5
 
     assert "stopped the stack" in stack("stop", "--dir", str(folder)).stdout
@@ -194,7 +219,9 @@ def test_a_stack_folder_starts_again_with_its_data_credentials_and_bucket(tmp_pa
     try:
         second = exported(stack("env", "--dir", str(folder)).stdout)
         assert (second["AWS_ACCESS_KEY_ID"], second["AWS_SECRET_ACCESS_KEY"]) == (
-            first["AWS_ACCESS_KEY_ID"], first["AWS_SECRET_ACCESS_KEY"])
+            first["AWS_ACCESS_KEY_ID"],
+            first["AWS_SECRET_ACCESS_KEY"],
+        )
         assert signed_client(folder).get_object(Bucket="ccagain", Key="kept.txt")["Body"].read() == b"kept"
     finally:
         stack("stop", "--dir", str(folder))

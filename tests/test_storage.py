@@ -41,7 +41,10 @@ def test_list_is_folder_scoped_and_complete(root):
     for name in ("d/x1", "d/x2", "d/sub/y", "dz/other"):
         storage.put_bytes(storage.join(root, name), b"1")
     assert storage.list_uris(storage.join(root, "d")) == [
-        storage.join(root, "d/sub/y"), storage.join(root, "d/x1"), storage.join(root, "d/x2")]
+        storage.join(root, "d/sub/y"),
+        storage.join(root, "d/x1"),
+        storage.join(root, "d/x2"),
+    ]
     assert storage.list_uris(storage.join(root, "missing")) == []
 
 
@@ -52,7 +55,7 @@ def test_local_put_leaves_no_temporary_files(tmp_path):
 
 def test_s3_list_paginates_past_1000_keys(s3_server, s3_root):
     client = s3_server.client()
-    bucket, prefix = s3_root[len("s3://"):].split("/", 1)
+    bucket, prefix = s3_root[len("s3://") :].split("/", 1)
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(16) as pool:
@@ -71,7 +74,7 @@ def test_upload_download_large_file_multipart(root, tmp_path):
     storage.download_file(uri, dst)
     assert dst.read_bytes() == data
     if storage.is_s3(uri):
-        bucket, key = uri[len("s3://"):].split("/", 1)
+        bucket, key = uri[len("s3://") :].split("/", 1)
         etag = storage._client().head_object(Bucket=bucket, Key=key)["ETag"]
         assert "-" in etag, "a 9 MiB upload should have been multipart"
 
@@ -126,7 +129,9 @@ def test_aws_settings_carry_the_endpoint_but_never_a_credential(s3_server):
 
 
 def _client_error(code: str, status: int) -> botocore.exceptions.ClientError:
-    return botocore.exceptions.ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+    )
 
 
 def test_network_faults_and_server_errors_are_transient_and_input_faults_are_not():

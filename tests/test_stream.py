@@ -305,8 +305,10 @@ def test_stream_resize_matches_pil_bilinear():
         assert np.abs(ours - pil).max() <= 1
     transform = ImageTransform("none", 64)
     finished = transform.finish(transform.collate([transform(image)]))
-    expected = (torch.from_numpy(np.array(image.resize((64, 64), Image.BILINEAR))).permute(2, 0, 1) / 255
-                - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    expected = (
+        torch.from_numpy(np.array(image.resize((64, 64), Image.BILINEAR))).permute(2, 0, 1) / 255
+        - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    ) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
     assert finished.shape == (1, 3, 64, 64)
     assert (finished[0] - expected).abs().max() <= 1.01 / (255 * min(IMAGENET_STD))
 
@@ -314,7 +316,11 @@ def test_stream_resize_matches_pil_bilinear():
 def test_random_streams_keep_the_numbers_their_seeds_were_made_with():
     # a renumbered stream would silently change every batch of every existing run on resume
     assert {s.name: s.value for s in Streams} == {
-        "SHARD_DRAW": 1, "SHARD_ORDER": 2, "SHUFFLE": 3, "AUGMENT": 4, "LOADER": 5,
+        "SHARD_DRAW": 1,
+        "SHARD_ORDER": 2,
+        "SHUFFLE": 3,
+        "AUGMENT": 4,
+        "LOADER": 5,
     }
     assert _mix(7, 0, Streams.SHARD_ORDER) == _mix(7, 0, 2)
     assert len({_mix(7, 0, 1, 0, s) for s in Streams}) == len(Streams)

@@ -6,16 +6,24 @@ import urllib.request
 
 import torch
 
-from system.telemetry import Progress, start_metrics_server, train_metrics
 from system.model.spec import get_spec
+from system.telemetry import Progress, start_metrics_server, train_metrics
 from workers.train import record_step
 
 
 def test_training_step_metrics_are_served():
     port = start_metrics_server(0)
     row = {"lr": 1e-4, "loss": 1.5, "loss_cls": 0.7, "loss_pat": 0.6, "loss_seg": None}
-    record_step(train_metrics(), "7", row, step_time=0.5, wait=0.1, samples=8, device=torch.device("cpu"),
-                terms=get_spec("authors").loss_terms)
+    record_step(
+        train_metrics(),
+        "7",
+        row,
+        step_time=0.5,
+        wait=0.1,
+        samples=8,
+        device=torch.device("cpu"),
+        terms=get_spec("authors").loss_terms,
+    )
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert 'clustercam_train_samples_total{rank="7"} 8.0' in body
     assert 'clustercam_train_samples_per_second{rank="7"} 16.0' in body

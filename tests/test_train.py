@@ -64,7 +64,12 @@ def tiny_config(data: str, output: str, **overrides) -> TrainConfig:
         "optim.lr_per_512": 0.03,
     }
     base.update(overrides)
-    return load_config(TrainConfig, "configs/tiny.yaml", [f"data={data}", f"output={output}"] + [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in base.items()])
+    return load_config(
+        TrainConfig,
+        "configs/tiny.yaml",
+        [f"data={data}", f"output={output}"]
+        + [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in base.items()],
+    )
 
 
 def single_process_reference(cfg: TrainConfig) -> tuple[ClusterCAM, list[float]]:
@@ -82,7 +87,9 @@ def single_process_reference(cfg: TrainConfig) -> tuple[ClusterCAM, list[float]]
     for step in range(cfg.max_steps):
         epoch = step // steps
         if step % steps == 0:
-            loaders = [iter(train_loader(cfg.data, r, cfg.num_workers, scfg, epoch=epoch)) for r in range(cfg.num_workers)]
+            loaders = [
+                iter(train_loader(cfg.data, r, cfg.num_workers, scfg, epoch=epoch)) for r in range(cfg.num_workers)
+            ]
         batches = [next(it) for it in loaders]
         images = torch.cat([b[0] for b in batches])
         labels = torch.cat([b[1] for b in batches])
@@ -122,8 +129,9 @@ def test_a_step_reports_the_mean_of_its_micro_batch_losses():
     mean = StepLossMean(seg_weight=0.1)
     for cls, pat, seg in ((1.0, 2.0, 0.5), (3.0, 4.0, 1.5)):
         mean.add(Losses(torch.tensor(0.0), torch.tensor(cls), torch.tensor(pat), torch.tensor(seg)))
-    assert mean.result() == pytest.approx({"loss": 2.0 + 3.0 + 0.1 * 1.0, "loss_cls": 2.0, "loss_pat": 3.0,
-                                           "loss_seg": 1.0})
+    assert mean.result() == pytest.approx(
+        {"loss": 2.0 + 3.0 + 0.1 * 1.0, "loss_cls": 2.0, "loss_pat": 3.0, "loss_seg": 1.0}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +141,17 @@ def reference(dataset, s3_bucket):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stages_match_single_process_and_loss_falls(ray_cluster, dataset, s3_root, reference, stage):
-    validation = {  # ZeRO-3 forwards are collective: validation must keep the ranks in step
-        "validation.data": dataset, "validation.image_size": 64, "validation.batch_size": 4,
-        "validation.max_batches": 1 + stage % 2, "validation.every_epochs": 1,
-    } if stage == 3 else {}
+    validation = (
+        {  # ZeRO-3 forwards are collective: validation must keep the ranks in step
+            "validation.data": dataset,
+            "validation.image_size": 64,
+            "validation.batch_size": 4,
+            "validation.max_batches": 1 + stage % 2,
+            "validation.every_epochs": 1,
+        }
+        if stage == 3
+        else {}
+    )
     cfg = tiny_config(dataset, s3_root, zero_stage=stage, run_name=f"zero{stage}", **validation)
     result = run(cfg)
     assert result.error is None
@@ -200,8 +215,11 @@ def test_a_planted_pickle_in_the_checkpoint_fails_the_resumed_run_without_runnin
     first = tiny_config(dataset, s3_root, run_name="planted", max_steps=1)
     assert run(first).error is None
     marker = tmp_path / "payload-ran"
-    model_states = [u for u in storage.list_uris(first.run_uri())
-                    if "/checkpoint_" in u and u.endswith("/mp_rank_00_model_states.pt")]
+    model_states = [
+        u
+        for u in storage.list_uris(first.run_uri())
+        if "/checkpoint_" in u and u.endswith("/mp_rank_00_model_states.pt")
+    ]
     assert model_states, "the first run saved no checkpoint"
     for uri in model_states:
         genuine = tmp_path / "genuine.pt"

@@ -49,8 +49,15 @@ def _pixels(samples: np.ndarray, depth: int, interlaced: bool) -> bytes:
     return b"".join(_scanlines(p, depth) for p in passes if p.size)
 
 
-def _png(samples: np.ndarray, depth: int, colour: int, interlaced: bool = False, short: int = 0,
-         extra: bytes = b"", stream: bytes | None = None) -> bytes:
+def _png(
+    samples: np.ndarray,
+    depth: int,
+    colour: int,
+    interlaced: bool = False,
+    short: int = 0,
+    extra: bytes = b"",
+    stream: bytes | None = None,
+) -> bytes:
     """A well-formed PNG (CRCs right, IEND there) whose inflated IDAT data is ``short`` bytes
     shorter than its header needs, or ``extra`` longer; ``stream`` replaces the zlib stream."""
     height, width = samples.shape[:2]
@@ -118,8 +125,10 @@ def test_pngs_whose_pixel_data_falls_short_of_their_header_are_refused_by_both_m
         with pytest.raises(BadEntry) as info:
             inspect_image(data, 10**6, verify)
         assert info.value.code == "corrupt"
-        assert str(info.value) == (f"corrupt or truncated image (png: IDAT data is {short:,} bytes short of the "
-                                     f"{needed:,} the {described} header needs)")
+        assert str(info.value) == (
+            f"corrupt or truncated image (png: IDAT data is {short:,} bytes short of the "
+            f"{needed:,} the {described} header needs)"
+        )
 
 
 def test_a_decode_alone_misses_a_bad_idat_crc_that_both_modes_now_refuse():
@@ -179,7 +188,7 @@ def test_a_decompression_bomb_is_refused_without_inflating_it():
 
 def _png_files() -> list[bytes]:
     files = []
-    for kind, (depth, colour, interlaced, width, height) in KINDS.items():
+    for depth, colour, interlaced, width, height in KINDS.values():
         files.append(_png(_samples(depth, colour, width, height), depth, colour, interlaced))
     rgb = (np.random.default_rng(5).random((48, 64, 3)) * 255).astype(np.uint8)
     for mode in ("RGB", "RGBA", "P", "L"):

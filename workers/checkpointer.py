@@ -33,11 +33,11 @@ class Position:
     step_in_epoch: int = 0  # optimizer steps done in ``epoch``
     global_step: int = 0
 
-    def advanced(self) -> "Position":
+    def advanced(self) -> Position:
         """The position after one more optimizer step in the same epoch."""
         return Position(self.epoch, self.step_in_epoch + 1, self.global_step + 1)
 
-    def normalized(self, steps_per_epoch: int) -> "Position":
+    def normalized(self, steps_per_epoch: int) -> Position:
         """A finished epoch is the start of the next one."""
         if self.step_in_epoch >= steps_per_epoch:
             return Position(self.epoch + 1, 0, self.global_step)

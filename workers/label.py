@@ -62,7 +62,9 @@ class UnitInterrupted(RuntimeError):
 
 @ray.remote(max_restarts=2, max_task_retries=2)
 class LabelActor:
-    def __init__(self, cfg: LabelConfig, class_names: list[str], run_id: str, index: int, done: frozenset, model_id: str):
+    def __init__(
+        self, cfg: LabelConfig, class_names: list[str], run_id: str, index: int, done: frozenset, model_id: str
+    ):
         if cfg.threads_per_actor > 0:
             torch.set_num_threads(cfg.threads_per_actor)
         self.cfg = cfg
@@ -78,13 +80,21 @@ class LabelActor:
         # a restarted actor must not overwrite the parts of the instance it replaces
         self.writer = OutputWriter(cfg, class_names, run_id, f"a{index}-{uuid.uuid4().hex[:6]}", model_id, self.pool)
         self.metrics = label_metrics()
-        self.metrics_port = start_metrics_server(cfg.metrics_port + 1 + index, cfg.metrics_addr) if cfg.metrics_port else None
+        self.metrics_port = (
+            start_metrics_server(cfg.metrics_port + 1 + index, cfg.metrics_addr) if cfg.metrics_port else None
+        )
         self.bar = tqdm_ray.tqdm(desc=f"label actor {index}", unit="img", position=index)
 
     def info(self) -> dict:
-        return {"actor": self.name, "pid": os.getpid(), "device": str(self.device),
-                "precision": self.labeller.precision.name,
-                "threads": torch.get_num_threads(), "load_seconds": round(self.load_seconds, 3), "metrics_port": self.metrics_port}
+        return {
+            "actor": self.name,
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "precision": self.labeller.precision.name,
+            "threads": torch.get_num_threads(),
+            "load_seconds": round(self.load_seconds, 3),
+            "metrics_port": self.metrics_port,
+        }
 
     def _on_batch(self, n: int, seconds: float) -> None:
         self.metrics.batch_seconds.labels(self.name).observe(seconds)
@@ -109,11 +119,18 @@ class LabelActor:
                 stored_before = set(self.writer.stored)
                 line = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
                 if attempt == self.cfg.unit_retries:
-                    raise UnitInterrupted(f"unit {unit.index} ({unit.uri}) interrupted {attempt} times by storage "
-                                          f"faults, last: {line}") from None
+                    raise UnitInterrupted(
+                        f"unit {unit.index} ({unit.uri}) interrupted {attempt} times by storage faults, last: {line}"
+                    ) from None
                 delay = 2.0 * 2 ** (attempt - 1)
-                log.warning("unit %d: storage fault (%s), try %d of %d again in %.0f s", unit.index, line, attempt + 1,
-                            self.cfg.unit_retries, delay)
+                log.warning(
+                    "unit %d: storage fault (%s), try %d of %d again in %.0f s",
+                    unit.index,
+                    line,
+                    attempt + 1,
+                    self.cfg.unit_retries,
+                    delay,
+                )
                 time.sleep(delay)
 
     def _label_once(self, unit: Unit, previews: int, stored_before: set[str]) -> UnitResult:
@@ -147,14 +164,24 @@ class LabelActor:
                 self.bar.update(1)
                 if len(shown) < previews:
                     mode = self.cfg.modes[-1]
-                    title = f"{item.sample.key} [{mode}] tags: {', '.join(self.class_names[k] for k in item.sample.labels) or '-'}"
-                    shown.append((item.sample.key, png_bytes(overlay(item.pixels, item.masks[mode], self.class_names, title))))
+                    tags = ", ".join(self.class_names[k] for k in item.sample.labels) or "-"
+                    title = f"{item.sample.key} [{mode}] tags: {tags}"
+                    shown.append(
+                        (item.sample.key, png_bytes(overlay(item.pixels, item.masks[mode], self.class_names, title)))
+                    )
                 for lost in self.writer.collect():
                     fail(lost)
         except (OSError, ValueError) as exc:
             if storage.is_transient(exc):
                 raise
-            fail(Reject("", unit.uri, "unit_unreadable", f"unit {unit.index} could not be read ({type(exc).__name__}: {exc})"))
+            fail(
+                Reject(
+                    "",
+                    unit.uri,
+                    "unit_unreadable",
+                    f"unit {unit.index} could not be read ({type(exc).__name__}: {exc})",
+                )
+            )
         for lost in self.writer.close():
             fail(lost)
         return UnitResult(unit.index, seen, self.writer.written - written_before, skipped, failures, shown, 0.0)

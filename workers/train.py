@@ -31,7 +31,15 @@ from system.data.shards import read_dataset
 from system.data.stream import train_loader
 from system.hardware import Resolved, resolve_precision
 from system.losses import Ranks, StepLossMean
-from system.model import ClusterCAM, build_model, export_model, init_from_deit, loss_metric_term, read_state_dict, recognise
+from system.model import (
+    ClusterCAM,
+    build_model,
+    export_model,
+    init_from_deit,
+    loss_metric_term,
+    read_state_dict,
+    recognise,
+)
 from system.model.spec import get_spec
 from system.optim import adamw, learning_rate, set_step_hyperparams
 from system.telemetry import Progress, setup_logging, start_metrics_server, train_metrics
@@ -41,13 +49,14 @@ from system.training import (
     in_seg_phase,
     micro_batch_losses,
     step_seed,
-    stream_config,
     steps_per_epoch,
+    stream_config,
 )
 from workers.checkpointer import Checkpointer, Position
 from workers.validator import Validator
 
 log = logging.getLogger("clustercam.train")
+
 
 def deepspeed_config(cfg: TrainConfig, precision: Resolved) -> dict:
     ds = cfg.deepspeed
@@ -100,8 +109,9 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def record_step(metrics, tag: str, row: dict, step_time: float, wait: float, samples: int, device,
-                terms: tuple[str, ...]) -> None:
+def record_step(
+    metrics, tag: str, row: dict, step_time: float, wait: float, samples: int, device, terms: tuple[str, ...]
+) -> None:
     """``terms``: the row's loss columns, as the model's spec names them."""
     metrics.samples.labels(tag).inc(samples)
     metrics.steps.labels(tag).inc()
@@ -159,8 +169,17 @@ class StepStats:
 class TrainStep:
     """One optimizer step: ``grad_accum`` micro-batches (forward, backward, DeepSpeed's step each)."""
 
-    def __init__(self, cfg: TrainConfig, engine, optimizer, steps: int, rank: int, ranks: Ranks,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        engine,
+        optimizer,
+        steps: int,
+        rank: int,
+        ranks: Ranks,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.cfg, self.engine, self.optimizer, self.steps = cfg, engine, optimizer, steps
         self.rank, self.ranks, self.device, self.dtype = rank, ranks, device, dtype
 
@@ -188,8 +207,15 @@ class TrainStep:
 class StepTelemetry:
     """Every step's Prometheus metrics and progress, and rank 0's log line every ``log_every_steps``."""
 
-    def __init__(self, cfg: MetricsConfig, rank: int, total_steps: int, start_step: int, device: torch.device,
-                 terms: tuple[str, ...]):
+    def __init__(
+        self,
+        cfg: MetricsConfig,
+        rank: int,
+        total_steps: int,
+        start_step: int,
+        device: torch.device,
+        terms: tuple[str, ...],
+    ):
         self.cfg, self.rank, self.tag, self.device, self.terms = cfg, rank, str(rank), device, terms
         self.metrics = train_metrics()
         if cfg.port:
@@ -203,8 +229,15 @@ class StepTelemetry:
         record_step(self.metrics, self.tag, row, stats.step_time, stats.wait, stats.samples, self.device, self.terms)
         self.progress.update(1)
         if self.rank == 0 and row["step"] % self.cfg.log_every_steps == 0:
-            log.info("%s | loss %.4f cls %.4f pat %.4f seg %s lr %.3g", self.progress.line(), row["loss"],
-                     row["loss_cls"], row["loss_pat"], row["loss_seg"], row["lr"])
+            log.info(
+                "%s | loss %.4f cls %.4f pat %.4f seg %s lr %.3g",
+                self.progress.line(),
+                row["loss"],
+                row["loss_cls"],
+                row["loss_pat"],
+                row["loss_seg"],
+                row["lr"],
+            )
 
 
 def export_weights(engine, cfg: TrainConfig, class_names: list[str], position: Position, row: dict, rank: int) -> None:
@@ -216,8 +249,12 @@ def export_weights(engine, cfg: TrainConfig, class_names: list[str], position: P
             cfg.run_uri() + "/model",
             class_names=class_names,
             run_id=cfg.run_name,
-            extra={"dataset": cfg.data, "steps": position.global_step, "final_metrics": row,
-                   "cam": {"layers": cfg.schedule.cam_layers, "p2p_refine": cfg.schedule.cam_p2p_refine}},
+            extra={
+                "dataset": cfg.data,
+                "steps": position.global_step,
+                "final_metrics": row,
+                "cam": {"layers": cfg.schedule.cam_layers, "p2p_refine": cfg.schedule.cam_p2p_refine},
+            },
             state_dict=weights,
         )
     if dist.is_initialized():
@@ -245,24 +282,48 @@ def train_loop_per_worker(config: dict) -> None:
     position = checkpointer.restore().normalized(steps)
     validator = Validator(cfg.validation, cfg.schedule, len(class_names), device, precision.dtype, rank, world)
     train_step = TrainStep(cfg, engine, optimizer, steps, rank, Ranks.of_process_group(), device, precision.dtype)
-    telemetry = StepTelemetry(cfg.metrics, rank, total_steps, position.global_step, device,
-                              get_spec(cfg.model.kind).loss_terms)
+    telemetry = StepTelemetry(
+        cfg.metrics, rank, total_steps, position.global_step, device, get_spec(cfg.model.kind).loss_terms
+    )
     if rank == 0:
-        log.info("%d workers on nodes %s, %s, ZeRO %d, %d steps/epoch, %d steps", world, nodes, precision,
-                 cfg.zero_stage, steps, total_steps)
+        log.info(
+            "%d workers on nodes %s, %s, ZeRO %d, %d steps/epoch, %d steps",
+            world,
+            nodes,
+            precision,
+            cfg.zero_stage,
+            steps,
+            total_steps,
+        )
 
     scfg = stream_config(cfg, steps)
     row: dict = {}
     engine.train()
     while position.global_step < total_steps:
-        batches = iter(train_loader(cfg.data, rank, world, scfg, epoch=position.epoch,
-                                    skip_batches=position.step_in_epoch * cfg.schedule.grad_accum, device=device))
+        batches = iter(
+            train_loader(
+                cfg.data,
+                rank,
+                world,
+                scfg,
+                epoch=position.epoch,
+                skip_batches=position.step_in_epoch * cfg.schedule.grad_accum,
+                device=device,
+            )
+        )
         telemetry.epoch(position.epoch)
         while position.step_in_epoch < steps and position.global_step < total_steps:
             stats = train_step(batches, position)
             position = position.advanced()
-            row = {"epoch": position.epoch, "step": position.global_step, **stats.losses, "lr": stats.lr,
-                   "samples_per_s": stats.samples * world / stats.step_time, "data_wait_s": stats.wait, "nodes": nodes}
+            row = {
+                "epoch": position.epoch,
+                "step": position.global_step,
+                **stats.losses,
+                "lr": stats.lr,
+                "samples_per_s": stats.samples * world / stats.step_time,
+                "data_wait_s": stats.wait,
+                "nodes": nodes,
+            }
             telemetry.step(row, stats)
             checkpointer.record(row)
             epoch_end, finished = position.step_in_epoch == steps, position.global_step >= total_steps

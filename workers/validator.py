@@ -25,8 +25,16 @@ def _any_rank(flag: bool) -> bool:
 class Validator:
     """Validates a DeepSpeed engine's module on every rank; the confusion matrices are merged over ranks."""
 
-    def __init__(self, cfg: ValidationConfig, schedule: ScheduleConfig, num_classes: int, device: torch.device,
-                 dtype: torch.dtype, rank: int, world: int):
+    def __init__(
+        self,
+        cfg: ValidationConfig,
+        schedule: ScheduleConfig,
+        num_classes: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        rank: int,
+        world: int,
+    ):
         self.cfg, self.schedule, self.num_classes = cfg, schedule, num_classes
         self.device, self.dtype, self.rank, self.world = device, dtype, rank, world
 

@@ -22,8 +22,18 @@ from PIL import Image
 
 from system import storage
 from system.data.shards import (
-    DATASET_FILE, FORMAT_NAME, FORMAT_VERSION, REJECTS_FILE, DatasetInfo, RejectCounts, ShardInfo, UnsafeId, check_id,
-    escape_id, shard_name, write_tar,
+    DATASET_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    REJECTS_FILE,
+    DatasetInfo,
+    RejectCounts,
+    ShardInfo,
+    UnsafeId,
+    check_id,
+    escape_id,
+    shard_name,
+    write_tar,
 )
 from system.data.sources import BadEntry, Entry, Source
 from system.data.validate import Verify, sample_members
@@ -57,7 +67,9 @@ def plan(source: Source, shard_size: int) -> IngestPlan:
             continue
         key = escape_id(item.id)
         if key in keys:
-            out.rejects.append(Reject(item.id, item.image, "duplicate_id", f"duplicate id (first seen at {keys[key]})", key).line())
+            out.rejects.append(
+                Reject(item.id, item.image, "duplicate_id", f"duplicate id (first seen at {keys[key]})", key).line()
+            )
             continue
         keys[key] = item.image
         accepted.append(item)
@@ -131,8 +143,14 @@ def write_shard(source: Source, task: ShardTask) -> dict:
     with storage.open_write(storage.join(task.output, name)) as f:
         size, digest = write_tar(f, samples())
     record = {
-        "index": task.index, "name": name, "fingerprint": task.fingerprint, "inputs": len(task.entries),
-        "samples": counts["samples"], "masks": counts["masks"], "bytes": size, "sha256": digest,
+        "index": task.index,
+        "name": name,
+        "fingerprint": task.fingerprint,
+        "inputs": len(task.entries),
+        "samples": counts["samples"],
+        "masks": counts["masks"],
+        "bytes": size,
+        "sha256": digest,
         "rejects": rejects,
     }
     storage.put_bytes(_part_uri(task.output, task.index), json.dumps(record, sort_keys=True, indent=1).encode())
@@ -149,8 +167,15 @@ def put_if_changed(uri: str, data: bytes) -> None:
     storage.put_bytes(uri, data)
 
 
-def finalize(output: str, name: str, class_names: list[str], parts: list[dict], plan_rejects: list[dict],
-             inputs: int, source_settings: dict) -> DatasetInfo:
+def finalize(
+    output: str,
+    name: str,
+    class_names: list[str],
+    parts: list[dict],
+    plan_rejects: list[dict],
+    inputs: int,
+    source_settings: dict,
+) -> DatasetInfo:
     rejects = list(plan_rejects) + [r for part in parts for r in part["rejects"]]
     total = sum(p["samples"] for p in parts)
     if total + len(rejects) != inputs:

@@ -133,8 +133,14 @@ class _ScanSize(NamedTuple):
     least_bits: int
 
 
-def _scan(body: bytes, sof: int, frame: JpegFrame, components: dict[int, _Component], quant: set[int],
-          huffman: dict[tuple[int, int], _Table]) -> _ScanSize:
+def _scan(
+    body: bytes,
+    sof: int,
+    frame: JpegFrame,
+    components: dict[int, _Component],
+    quant: set[int],
+    huffman: dict[tuple[int, int], _Table],
+) -> _ScanSize:
     count = body[0] if body else 0
     if not 1 <= count <= 4 or len(body) != 4 + 2 * count:
         raise ValueError("scan header has the wrong length for its component count")
@@ -175,7 +181,7 @@ def _scan(body: bytes, sof: int, frame: JpegFrame, components: dict[int, _Compon
         least_bits_per_mcu += blocks_per_mcu * (0 if sof in _LOSSLESS else least_bits)
     if count == 1:  # a non-interleaved scan: one block per MCU, over the component's own extent
         only = components[seen[0]]
-        mcus = (_ceil(_ceil(frame.width * only.across, across), 8) * _ceil(_ceil(frame.height * only.down, down), 8))
+        mcus = _ceil(_ceil(frame.width * only.across, across), 8) * _ceil(_ceil(frame.height * only.down, down), 8)
         blocks = mcus
     else:
         mcus = _ceil(frame.width, 8 * across) * _ceil(frame.height, 8 * down)
@@ -218,14 +224,18 @@ def _check_entropy_data(data: bytes, start: int, end: int, scan: int, size: _Sca
         found = _restart_numbers(data, start, end)
         restarts, needed = len(found), _ceil(size.mcus, interval) - 1
         if restarts != needed:
-            raise ValueError(f"scan {scan} has {restarts:,} restart markers where its {size.mcus:,} MCUs "
-                             f"at an interval of {interval:,} need {needed:,}")
+            raise ValueError(
+                f"scan {scan} has {restarts:,} restart markers where its {size.mcus:,} MCUs "
+                f"at an interval of {interval:,} need {needed:,}"
+            )
         if found != (_RESTART_CYCLE * _ceil(restarts, 8))[:restarts]:
             raise ValueError(f"scan {scan} has its restart markers out of order")
     coded = end - start - 2 * restarts
     if coded * 8 < size.least_bits:
-        raise ValueError(f"scan {scan} holds {coded:,} bytes of entropy-coded data where its {size.blocks:,} "
-                         f"blocks need at least {_ceil(size.least_bits, 8):,}")
+        raise ValueError(
+            f"scan {scan} holds {coded:,} bytes of entropy-coded data where its {size.blocks:,} "
+            f"blocks need at least {_ceil(size.least_bits, 8):,}"
+        )
 
 
 def check_jpeg(data: bytes) -> JpegFrame:

@@ -94,8 +94,10 @@ class _Pixels:
             self._check_filters(out)
             self.produced += len(out)
             if self.produced > self.needed:
-                raise ValueError(f"IDAT data inflates to more than the {self.needed:,} bytes "
-                                 f"the {self.header.describe()} header needs")
+                raise ValueError(
+                    f"IDAT data inflates to more than the {self.needed:,} bytes "
+                    f"the {self.header.describe()} header needs"
+                )
             data = self.inflater.unconsumed_tail
             if not data and len(out) < cap:
                 break
@@ -119,8 +121,10 @@ class _Pixels:
 
     def finish(self) -> None:
         if self.produced < self.needed:
-            raise ValueError(f"IDAT data is {self.needed - self.produced:,} bytes short of the {self.needed:,} "
-                             f"the {self.header.describe()} header needs")
+            raise ValueError(
+                f"IDAT data is {self.needed - self.produced:,} bytes short of the {self.needed:,} "
+                f"the {self.header.describe()} header needs"
+            )
         if not self.inflater.eof:
             raise ValueError("IDAT zlib stream is unfinished (its end and checksum are missing)")
 

@@ -158,7 +158,7 @@ def _number(field: bytes) -> int:
 
 def _pax_records(data: bytes) -> dict[bytes, bytes]:
     records, i = {}, 0
-    while i < len(data) and data[i:i + 1] != b"\0":
+    while i < len(data) and data[i : i + 1] != b"\0":
         space = data.index(b" ", i)
         length = int(data[i:space])
         key, _, value = data[space + 1 : i + length - 1].partition(b"=")
@@ -298,7 +298,7 @@ class DatasetInfo:
         return (json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
     @classmethod
-    def from_json(cls, data: object, path: str = DATASET_FILE) -> "DatasetInfo":
+    def from_json(cls, data: object, path: str = DATASET_FILE) -> DatasetInfo:
         """Check every field a reader relies on; a bad one is a ``DatasetFileError`` naming it."""
         if not isinstance(data, dict):
             raise DatasetFileError(f"{path}: not a JSON object")
@@ -350,7 +350,9 @@ def _shard(data: object, where: str) -> ShardInfo:
     if not isinstance(data, dict):
         raise DatasetFileError(f"{where}: must be an object, got {type(data).__name__}")
     return ShardInfo(
-        _field(data, "name", str, where), _count(data, "samples", where), _count(data, "bytes", where),
+        _field(data, "name", str, where),
+        _count(data, "samples", where),
+        _count(data, "bytes", where),
         _field(data, "sha256", str, where),
     )
 

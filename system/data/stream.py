@@ -38,8 +38,8 @@ import math
 import random
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import botocore.exceptions
 import numpy as np
@@ -80,7 +80,9 @@ class StreamConfig:
     num_workers: int = option(2, doc="DataLoader worker processes per rank (decode + augment)")
     shuffle_buffer: int = option(1000, doc="raw samples held for shuffling, per worker")
     seed: int = option(0, doc="base seed of shard order, shuffling and augmentation")
-    resampled: bool = option(True, doc="draw shards with replacement and stop after epoch_batches (equal steps per rank)")
+    resampled: bool = option(
+        True, doc="draw shards with replacement and stop after epoch_batches (equal steps per rank)"
+    )
     epoch_batches: int = option(0, doc="batches per rank per epoch; 0: total samples // (world size x batch size)")
     retries: int = option(5, doc="attempts to read a shard when the connection breaks")
 
@@ -198,8 +200,19 @@ class _BatchSlots:
 class _TrainStream(IterableDataset):
     """One rank's training stream; everything random is keyed by the worker's *role* (see module doc)."""
 
-    def __init__(self, urls, num_classes, rank, world_size, cfg: StreamConfig, epoch, skip_batches, batches,
-                 transform: ImageTransform, slots: _BatchSlots | None = None):
+    def __init__(
+        self,
+        urls,
+        num_classes,
+        rank,
+        world_size,
+        cfg: StreamConfig,
+        epoch,
+        skip_batches,
+        batches,
+        transform: ImageTransform,
+        slots: _BatchSlots | None = None,
+    ):
         self.urls, self.num_classes = urls, num_classes
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.epoch, self.skip, self.batches = epoch, skip_batches, batches
@@ -285,8 +298,14 @@ class _TrainStream(IterableDataset):
 class Loader:
     """A DataLoader whose batches are finished (converted, normalised) in the consuming process."""
 
-    def __init__(self, dataloader: DataLoader, transform: ImageTransform, batches: int | None,
-                 device: torch.device | None = None, slots: _BatchSlots | None = None):
+    def __init__(
+        self,
+        dataloader: DataLoader,
+        transform: ImageTransform,
+        batches: int | None,
+        device: torch.device | None = None,
+        slots: _BatchSlots | None = None,
+    ):
         self.dataloader, self.transform, self.batches, self.device = dataloader, transform, batches, device
         self.slots = slots
 
@@ -319,8 +338,15 @@ class Loader:
         return self.batches
 
 
-def train_loader(dataset_uri: str, rank: int, world_size: int, cfg: StreamConfig, epoch: int = 0,
-                 skip_batches: int = 0, device: torch.device | None = None) -> Loader:
+def train_loader(
+    dataset_uri: str,
+    rank: int,
+    world_size: int,
+    cfg: StreamConfig,
+    epoch: int = 0,
+    skip_batches: int = 0,
+    device: torch.device | None = None,
+) -> Loader:
     """``device``: where images are converted and normalised (uint8 batches cross PCIe, 4x fewer bytes
     than float ones, straight from the shared batch slot); labels stay on the CPU."""
     if not 0 <= rank < world_size:
@@ -330,19 +356,31 @@ def train_loader(dataset_uri: str, rank: int, world_size: int, cfg: StreamConfig
     if not urls:
         raise ValueError(f"{dataset_uri}: the dataset has no shards")
     if not cfg.resampled and len(urls) < world_size * max(1, cfg.num_workers):
-        raise ValueError(f"{dataset_uri}: {len(urls)} shards cannot feed {world_size} ranks x {cfg.num_workers} workers "
-                         "without resampling (set resampled=true or write smaller shards)")
+        raise ValueError(
+            f"{dataset_uri}: {len(urls)} shards cannot feed {world_size} ranks x {cfg.num_workers} workers "
+            "without resampling (set resampled=true or write smaller shards)"
+        )
     batches = epoch_batches(info, world_size, cfg)
     transform = ImageTransform(cfg.augment, cfg.image_size)
     prefetch = 4
     # one slot per batch a worker may have in flight, plus the one being finished
-    slots = _BatchSlots(cfg.num_workers, prefetch + 1, cfg.batch_size, transform.item_layout()) if cfg.num_workers else None
-    stream = _TrainStream(urls, len(info.classes), rank, world_size, cfg, epoch, skip_batches, batches, transform,
-                          slots)
+    slots = (
+        _BatchSlots(cfg.num_workers, prefetch + 1, cfg.batch_size, transform.item_layout()) if cfg.num_workers else None
+    )
+    stream = _TrainStream(
+        urls, len(info.classes), rank, world_size, cfg, epoch, skip_batches, batches, transform, slots
+    )
     # An own generator: DataLoader otherwise draws its base seed from the caller's global torch RNG.
     generator = torch.Generator().manual_seed(_mix(cfg.seed, epoch, rank, Streams.LOADER))
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, generator=generator, collate_fn=_as_is,
-                        prefetch_factor=prefetch if cfg.num_workers else None, persistent_workers=False)
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        generator=generator,
+        collate_fn=_as_is,
+        prefetch_factor=prefetch if cfg.num_workers else None,
+        persistent_workers=False,
+    )
     return Loader(loader, transform, max(0, batches - skip_batches) if cfg.resampled else None, device, slots)
 
 
@@ -377,12 +415,17 @@ class _EvalStream(IterableDataset):
 
     def _collate(self, batch: list) -> dict:
         images, labels, masks, keys = zip(*batch)
-        return {"images": self.transform.collate(list(images)), "labels": torch.from_numpy(np.stack(labels)),
-                "masks": torch.stack(masks), "keys": list(keys)}
+        return {
+            "images": self.transform.collate(list(images)),
+            "labels": torch.from_numpy(np.stack(labels)),
+            "masks": torch.stack(masks),
+            "keys": list(keys),
+        }
 
 
-def eval_loader(dataset_uri: str, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
-                num_workers: int = 0) -> Loader:
+def eval_loader(
+    dataset_uri: str, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0
+) -> Loader:
     info = read_dataset(dataset_uri)
     transform = ImageTransform("none", image_size)
     stream = _EvalStream(shard_uris(dataset_uri, info), len(info.classes), batch_size, transform, rank, world_size)

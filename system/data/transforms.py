@@ -74,7 +74,9 @@ def resize_pixels(image: torch.Tensor, size: int) -> torch.Tensor:
     # torch picks its vectorised kernel and returns channels-last memory (torchvision's resize does
     # the same, with more Python overhead)
     planar = image.as_strided((1, channels, height, width), (height * width * channels, 1, width * channels, channels))
-    out = torch.nn.functional.interpolate(planar, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    out = torch.nn.functional.interpolate(
+        planar, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
     return out[0].permute(1, 2, 0)
 
 
@@ -96,9 +98,20 @@ def _paper_transform(size: int):
     from timm.data.auto_augment import RandAugment
 
     transform = create_transform(
-        input_size=size, is_training=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, vflip=0.0,
-        color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, re_prob=0.25, re_mode="pixel", re_count=1,
+        input_size=size,
+        is_training=True,
+        scale=(0.08, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        hflip=0.5,
+        vflip=0.0,
+        color_jitter=0.4,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        interpolation="bicubic",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        re_prob=0.25,
+        re_mode="pixel",
+        re_count=1,
     )
     for step in transform.transforms:
         if isinstance(step, RandAugment):
@@ -124,8 +137,9 @@ def _seeded(seed: int):
         torch.set_rng_state(torch_state)
 
 
-def resized_crop_box(width: int, height: int, rng: random.Random, scale=(0.08, 1.0),
-                     ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def resized_crop_box(
+    width: int, height: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """torchvision's ``RandomResizedCrop.get_params`` drawn from ``rng``: (left, top, right, bottom)."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))

@@ -68,8 +68,9 @@ def _inspect_jpeg(data: bytes, max_pixels: int) -> tuple[int, int]:
     except ValueError as exc:
         raise _corrupt("jpeg", exc) from None
     mode = _JPEG_MODES.get(frame.components, f"{frame.components}-component")
-    _check_size_and_mode(frame.width, frame.height, mode if frame.precision == 8 else f"{frame.precision}-bit {mode}",
-                         max_pixels)
+    _check_size_and_mode(
+        frame.width, frame.height, mode if frame.precision == 8 else f"{frame.precision}-bit {mode}", max_pixels
+    )
     return frame.width, frame.height
 
 
@@ -126,8 +127,9 @@ def inspect_image(data: bytes, max_pixels: int, verify: Verify = "structure") ->
     return "png", out.getvalue(), width, height
 
 
-def sample_members(entry: Entry, loaded: Loaded, class_index: dict[str, int], max_pixels: int,
-                   verify: Verify = "structure") -> tuple[list[tuple[str, bytes]], bool]:
+def sample_members(
+    entry: Entry, loaded: Loaded, class_index: dict[str, int], max_pixels: int, verify: Verify = "structure"
+) -> tuple[list[tuple[str, bytes]], bool]:
     """The tar members (extension, bytes) of one accepted sample, in a fixed order."""
     ext, image, width, height = inspect_image(loaded.image, max_pixels, verify)
     unknown = [name for name in loaded.labels if name not in class_index]
@@ -142,7 +144,9 @@ def sample_members(entry: Entry, loaded: Loaded, class_index: dict[str, int], ma
     mask = loaded.mask
     if mask is not None:
         if mask.shape != (height, width):
-            raise BadEntry("mask_size", f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image size {width}x{height}")
+            raise BadEntry(
+                "mask_size", f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image size {width}x{height}"
+            )
         values = np.unique(mask)
         bad = [int(v) for v in values if v != 255 and v > len(class_index)]
         if bad:

@@ -22,8 +22,12 @@ MaskFormat = Literal[tuple(MASK_CODECS)]  # type: ignore[valid-type]
 class LabelConfig:
     """Bulk pseudo-label generation: masks, stats, previews and label_job.json under ``output``."""
 
-    model: str = option(doc="exported model directory (model.safetensors + model.json) or a checkpoint file; path or s3:// URI")
-    data: str = option(doc="dataset URI (folder with dataset.json + shards) or a manifest (.jsonl/.csv of id, image, labels[, mask])")
+    model: str = option(
+        doc="exported model directory (model.safetensors + model.json) or a checkpoint file; path or s3:// URI"
+    )
+    data: str = option(
+        doc="dataset URI (folder with dataset.json + shards) or a manifest (.jsonl/.csv of id, image, labels[, mask])"
+    )
     output: str = option(doc="job folder or s3:// prefix: masks/, stats/, failures/, previews/, label_job.json")
     mode: Mode = option(
         "seg",
@@ -44,11 +48,17 @@ class LabelConfig:
     )
     bg_threshold: float = option(0.4, doc="cam: background threshold (docs/method.md §b.7; COCO recipe 0.43)")
     ignore_delta: float = option(0.1, doc="cam: half width of the ignore band around bg_threshold")
-    mask_format: MaskFormat = option("png", doc="how masks are stored (system.masks codecs): png = 8-bit palette PNG with the stats line embedded")
+    mask_format: MaskFormat = option(
+        "png", doc="how masks are stored (system.masks codecs): png = 8-bit palette PNG with the stats line embedded"
+    )
     restrict_to_tags: bool = option(True, doc="seg: only background and the image's tagged classes may win a pixel")
-    class_names: list[str] = option(factory=list, doc="class names in model order, needed for an authors' checkpoint without model.json")
+    class_names: list[str] = option(
+        factory=list, doc="class names in model order, needed for an authors' checkpoint without model.json"
+    )
     batch_size: int = option(8, doc="images per forward (images of the same size after capping)")
-    max_side: int = option(1024, doc="images with a longer side are resized for the model; the mask is resized back (nearest)")
+    max_side: int = option(
+        1024, doc="images with a longer side are resized for the model; the mask is resized back (nearest)"
+    )
     precision: Precision = option(
         "auto", doc="auto: bf16 autocast on GPU and on CPUs with native bf16, else fp32; fp16: GPU only"
     )
@@ -63,20 +73,36 @@ class LabelConfig:
     threads_per_actor: int = option(0, doc="torch CPU threads per actor; 0: Ray's default (max(1, cpus_per_actor))")
     decode_threads: int = option(2, doc="threads per actor decoding images and writing masks while the model runs")
     manifest_chunk: int = option(256, doc="manifest images per work unit (a dataset's unit is one shard)")
-    unit_retries: int = option(3, doc="tries of a unit inside its actor when storage fails transiently (backoff 2, 4, 8 s ...)")
-    unit_attempts: int = option(4, doc="calls of a unit the driver makes (a failed call is re-queued with backoff) "
-                                "before the job gives up on it and exits incomplete (status 3)")
+    unit_retries: int = option(
+        3, doc="tries of a unit inside its actor when storage fails transiently (backoff 2, 4, 8 s ...)"
+    )
+    unit_attempts: int = option(
+        4,
+        doc="calls of a unit the driver makes (a failed call is re-queued with backoff) "
+        "before the job gives up on it and exits incomplete (status 3)",
+    )
     flush_every: int = option(256, doc="stats/failure lines buffered per actor before a part file is written")
     num_previews: int = option(8, doc="overlay previews (and contact sheet tiles) written under previews/")
     metrics_port: int = option(0, doc="Prometheus port of the driver; actors use the following ports; 0: off")
-    metrics_addr: str = option("127.0.0.1", doc="address the metrics endpoints bind to (0.0.0.0 for a Prometheus on another host)")
+    metrics_addr: str = option(
+        "127.0.0.1", doc="address the metrics endpoints bind to (0.0.0.0 for a Prometheus on another host)"
+    )
 
     def __post_init__(self) -> None:
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
-        for name in ("batch_size", "num_actors", "decode_threads", "manifest_chunk", "flush_every", "max_side", "cam_layers",
-                     "unit_retries", "unit_attempts"):
+        for name in (
+            "batch_size",
+            "num_actors",
+            "decode_threads",
+            "manifest_chunk",
+            "flush_every",
+            "max_side",
+            "cam_layers",
+            "unit_retries",
+            "unit_attempts",
+        ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.scales or min(self.scales) <= 0:

@@ -16,8 +16,9 @@ import importlib.util
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import Executor
-from typing import Callable, Hashable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -29,8 +30,8 @@ from system.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_rgb
 from system.label.config import LabelConfig
 from system.label.inputs import Sample
 from system.masks import decode_mask
-from system.rejects import Reject
 from system.refine import IGNORE_INDEX, denormalize, pseudo_labels
+from system.rejects import Reject
 
 T = TypeVar("T")
 _MEAN_255 = tuple(255 * m for m in IMAGENET_MEAN)
@@ -83,7 +84,9 @@ def to_input(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def size_batches(items: Iterable[T], size_of: Callable[[T], Hashable], batch_size: int, max_held: int) -> Iterator[list[T]]:
+def size_batches(
+    items: Iterable[T], size_of: Callable[[T], Hashable], batch_size: int, max_held: int
+) -> Iterator[list[T]]:
     """Group items of equal size into batches, holding at most ``max_held`` back.
 
     A full bucket leaves at once; when too many images wait in half-full buckets the fullest one
@@ -137,7 +140,9 @@ class Labeller:
         self.precision = hardware.resolve_precision(cfg.precision, self.device)
         trained = getattr(model, "cam_settings", {})
         self.cam_layers = cfg.cam_layers if cfg.cam_layers is not None else trained.get("layers", CAM_LAYERS)
-        self.cam_p2p_refine = cfg.cam_p2p_refine if cfg.cam_p2p_refine is not None else trained.get("p2p_refine", CAM_P2P_REFINE)
+        self.cam_p2p_refine = (
+            cfg.cam_p2p_refine if cfg.cam_p2p_refine is not None else trained.get("p2p_refine", CAM_P2P_REFINE)
+        )
         scales = [*(cfg.scales if "seg" in cfg.modes else []), *(cfg.cam_scales if "cam" in cfg.modes else [])]
         # every scaled copy must hold at least one patch (int() truncates, hence the ceil)
         self.min_side = math.ceil(model.cfg.patch_size / min(min(scales), 1.0))
@@ -178,9 +183,9 @@ class Labeller:
             probs = probs * allowed[:, :, None, None]
         conf, labels = probs.max(dim=1)
         if self.cfg.crf:
-            labels = torch.stack([
-                torch.from_numpy(dense_crf(px, p.cpu().numpy())).to(labels) for px, p in zip(pixels, probs)
-            ])
+            labels = torch.stack(
+                [torch.from_numpy(dense_crf(px, p.cpu().numpy())).to(labels) for px, p in zip(pixels, probs)]
+            )
         return labels, conf
 
     def cam(self, x: torch.Tensor, tags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +233,9 @@ class Labeller:
             results.append(Labelled(item.sample, item.pixels, item.gt, masks, confidence, (int(h), int(w))))
         return results
 
-    def label(self, samples: Iterable[Sample], pool: Executor, on_batch: Callable[[int, float], None] | None = None) -> Iterator[Labelled | Reject]:
+    def label(
+        self, samples: Iterable[Sample], pool: Executor, on_batch: Callable[[int, float], None] | None = None
+    ) -> Iterator[Labelled | Reject]:
         """The whole per-unit pipeline: decode in ``pool`` ahead of the model, batch by size, run."""
         window = 4 * self.cfg.batch_size
 
@@ -258,4 +265,3 @@ class Labeller:
                 on_batch(len(batch), time.perf_counter() - start)
             yield from out
         yield from failures
-

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 from system import storage
 from system.data.shards import DATASET_FILE, DatasetInfo, UnsafeId, check_id, escape_id, read_dataset, shard_uris
@@ -65,7 +65,9 @@ def _is_dataset(data: str) -> bool:
     return storage.exists(storage.join(data, DATASET_FILE))
 
 
-def check_classes(model_classes: int | None, model_names: list[str] | None, input_names: list[str] | None, where: str) -> list[str]:
+def check_classes(
+    model_classes: int | None, model_names: list[str] | None, input_names: list[str] | None, where: str
+) -> list[str]:
     """The class names the job uses, or ClassMismatch naming both sides."""
     if model_names and input_names and list(model_names) != list(input_names):
         diff = [f"{i}: model {m!r} vs data {d!r}" for i, (m, d) in enumerate(zip(model_names, input_names)) if m != d]
@@ -111,7 +113,9 @@ def plan_inputs(data: str, model_classes: int | None, model_names: list[str] | N
             continue
         keys[key] = item.image
         entries.append(item)
-    names = check_classes(model_classes, model_names, source.class_names if not model_names else None, f"manifest {data}")
+    names = check_classes(
+        model_classes, model_names, source.class_names if not model_names else None, f"manifest {data}"
+    )
     unknown = sorted({n for e in entries for n in e.labels} - set(names))
     if unknown:
         raise ClassMismatch(f"manifest {data}: labels {unknown[:10]} are not among the model's classes")
@@ -125,7 +129,15 @@ def _shard_sample(raw: dict, uri: str, class_index: dict[str, int]) -> Sample:
         meta = json.loads(raw["json"])
         sample_id, labels = str(meta["id"]), tuple(int(k) for k in meta["labels"])
     except (KeyError, TypeError, ValueError) as exc:
-        return Sample(key, key, (), None, None, uri, Reject(key, uri, "malformed", f"bad sample metadata ({type(exc).__name__}: {exc})", key))
+        return Sample(
+            key,
+            key,
+            (),
+            None,
+            None,
+            uri,
+            Reject(key, uri, "malformed", f"bad sample metadata ({type(exc).__name__}: {exc})", key),
+        )
     bad = [k for k in labels if not 0 <= k < len(class_index)]
     image = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
     sample = Sample(key, sample_id, labels, image, raw.get("mask.png"), uri)
@@ -145,8 +157,15 @@ def _manifest_sample(entry: Entry, class_index: dict[str, int]) -> Sample:
         if storage.is_transient(exc):
             raise  # not a property of the image: the unit is retried
         code = "not_found" if isinstance(exc, FileNotFoundError) else "unreadable"
-        return Sample(key, entry.id, labels, None, None, entry.image,
-                      Reject(entry.id, entry.image, code, f"cannot read image ({type(exc).__name__}: {exc})", key))
+        return Sample(
+            key,
+            entry.id,
+            labels,
+            None,
+            None,
+            entry.image,
+            Reject(entry.id, entry.image, code, f"cannot read image ({type(exc).__name__}: {exc})", key),
+        )
     gt = None
     mask_uri = (entry.extra or {}).get("mask")
     if mask_uri:
@@ -155,12 +174,23 @@ def _manifest_sample(entry: Entry, class_index: dict[str, int]) -> Sample:
         except (FileNotFoundError, OSError, storage.StorageError) as exc:
             if storage.is_transient(exc):
                 raise
-            return Sample(key, entry.id, labels, None, None, mask_uri,
-                          Reject(entry.id, mask_uri, "mask_unreadable", f"cannot read GT mask ({type(exc).__name__}: {exc})", key))
+            return Sample(
+                key,
+                entry.id,
+                labels,
+                None,
+                None,
+                mask_uri,
+                Reject(
+                    entry.id, mask_uri, "mask_unreadable", f"cannot read GT mask ({type(exc).__name__}: {exc})", key
+                ),
+            )
     return Sample(key, entry.id, labels, image, gt, entry.image)
 
 
-def unit_samples(unit: Unit, class_index: dict[str, int], skip: frozenset[str] | set[str] = frozenset()) -> Iterator[Sample | str]:
+def unit_samples(
+    unit: Unit, class_index: dict[str, int], skip: frozenset[str] | set[str] = frozenset()
+) -> Iterator[Sample | str]:
     """The unit's samples to label, in order; keys in ``skip`` come back as bare strings (not read further)."""
     if unit.is_shard:
         for raw in shard_samples(unit.uri):

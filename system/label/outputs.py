@@ -24,8 +24,8 @@ import contextlib
 import json
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -35,8 +35,8 @@ from system.label.config import LabelConfig
 from system.label.infer import Labelled
 from system.masks import PalettePng
 from system.metrics import ConfusionMatrix
-from system.rejects import Reject
 from system.refine import IGNORE_INDEX
+from system.rejects import Reject
 
 STATS_DIR = "stats"
 FAILURES_DIR = "failures"
@@ -87,7 +87,9 @@ class OutputWriter:
     is retried, and ``stored`` tells the retry which keys of the unit are already done.
     """
 
-    def __init__(self, cfg: LabelConfig, class_names: list[str], run_id: str, writer_id: str, model_id: str, pool: Executor):
+    def __init__(
+        self, cfg: LabelConfig, class_names: list[str], run_id: str, writer_id: str, model_id: str, pool: Executor
+    ):
         self.cfg = cfg
         self.class_names = class_names
         self.run_id = run_id
@@ -105,9 +107,18 @@ class OutputWriter:
         s = item.sample
         H, W = item.pixels.shape[:2]
         primary = self.cfg.modes[-1]
-        line = {"key": s.key, "id": s.id, "model": self.model_id, "run": self.run_id, "mode": primary,
-                "width": W, "height": H, "model_size": list(item.model_size)[::-1],
-                "tags": [self.class_names[k] for k in s.labels], "source": s.source}
+        line = {
+            "key": s.key,
+            "id": s.id,
+            "model": self.model_id,
+            "run": self.run_id,
+            "mode": primary,
+            "width": W,
+            "height": H,
+            "model_size": list(item.model_size)[::-1],
+            "tags": [self.class_names[k] for k in s.labels],
+            "source": s.source,
+        }
         for mode in self.cfg.modes:
             part = {**mask_stats(item.masks[mode], self.class_names), "confidence": _round(item.confidence[mode])}
             if item.gt is not None:
@@ -122,7 +133,9 @@ class OutputWriter:
         line = self.line(item)
         for mode in self.cfg.modes:  # the primary mask (masks/) goes last: it marks the image done
             data = self.cfg.codec.encode(item.masks[mode], line if mode == self.cfg.modes[-1] else None)
-            storage.put_bytes(storage.join(self.cfg.output, self.cfg.mask_dir(mode), item.sample.key + self.cfg.codec.suffix), data)
+            storage.put_bytes(
+                storage.join(self.cfg.output, self.cfg.mask_dir(mode), item.sample.key + self.cfg.codec.suffix), data
+            )
         return line
 
     def begin_unit(self) -> None:
@@ -165,7 +178,10 @@ class OutputWriter:
     def flush(self) -> None:
         for folder, lines in ((STATS_DIR, self.lines), (FAILURES_DIR, self.failures)):
             if lines:
-                storage.put_bytes(storage.join(self.cfg.output, folder, _part_name(self.run_id, self.writer_id, self.seq)), _jsonl(lines))
+                storage.put_bytes(
+                    storage.join(self.cfg.output, folder, _part_name(self.run_id, self.writer_id, self.seq)),
+                    _jsonl(lines),
+                )
         if self.lines or self.failures:
             self.seq += 1
         self.lines, self.failures = [], []
@@ -183,8 +199,11 @@ def _round(value: float) -> float | None:
 def list_mask_keys(folder: str, suffix: str = PalettePng.suffix) -> set[str]:
     """Keys of the ``<key><suffix>`` files directly in ``folder`` (one paginated listing)."""
     prefix = folder.rstrip("/") + "/"
-    return {uri[len(prefix) : -len(suffix)] for uri in storage.list_uris(folder)
-            if uri.endswith(suffix) and "/" not in uri[len(prefix) :]}
+    return {
+        uri[len(prefix) : -len(suffix)]
+        for uri in storage.list_uris(folder)
+        if uri.endswith(suffix) and "/" not in uri[len(prefix) :]
+    }
 
 
 def _read_lines(output: str, folder: str, pool: Executor) -> Iterator[dict]:
@@ -211,7 +230,10 @@ def finalize_outputs(cfg: LabelConfig, run_id: str, class_names: list[str], seen
     def keep(line: dict) -> None:
         key = line["key"]
         if key in masks and (key not in kept or line.get("run") == run_id):
-            kept[key] = (line.get("run"), {m: (line if m == primary else line.get(m, {})).get("confusion") for m in cfg.modes})
+            kept[key] = (
+                line.get("run"),
+                {m: (line if m == primary else line.get(m, {})).get("confusion") for m in cfg.modes},
+            )
 
     with ThreadPoolExecutor(16) as pool:
         codec = cfg.codec
@@ -219,7 +241,13 @@ def finalize_outputs(cfg: LabelConfig, run_id: str, class_names: list[str], seen
         for line in _read_lines(cfg.output, STATS_DIR, pool):
             keep(line)
         lost = sorted(masks - set(kept))
-        recovered = [line for line in pool.map(lambda k: codec.read_line(storage.get_bytes(storage.join(cfg.output, "masks", k + codec.suffix))), lost) if line]
+        recovered = [
+            line
+            for line in pool.map(
+                lambda k: codec.read_line(storage.get_bytes(storage.join(cfg.output, "masks", k + codec.suffix))), lost
+            )
+            if line
+        ]
     if recovered:
         storage.put_bytes(storage.join(cfg.output, STATS_DIR, _part_name(run_id, "recovered", 0)), _jsonl(recovered))
         for line in recovered:
@@ -229,7 +257,10 @@ def finalize_outputs(cfg: LabelConfig, run_id: str, class_names: list[str], seen
     for mode in cfg.modes:
         confusions = [c[mode] for _, c in kept.values() if c[mode]]
         if confusions:
-            evaluation[mode] = {**confusion_from_sparse(confusions, len(names)).summary(names), "images": len(confusions)}
+            evaluation[mode] = {
+                **confusion_from_sparse(confusions, len(names)).summary(names),
+                "images": len(confusions),
+            }
     missing = sorted(seen - masks - failed)
     return {
         "masks": len(masks),
@@ -241,4 +272,3 @@ def finalize_outputs(cfg: LabelConfig, run_id: str, class_names: list[str], seen
         "eval": evaluation,
         "seconds": round(time.monotonic() - start, 3),
     }
-

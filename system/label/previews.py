@@ -18,7 +18,9 @@ def _names(class_names: list[str]) -> dict[int, str]:
     return {0: "background", IGNORE_INDEX: "ignore", **{k + 1: n for k, n in enumerate(class_names)}}
 
 
-def overlay(pixels: np.ndarray, mask: np.ndarray, class_names: list[str], title: str = "", max_side: int = 384) -> Image.Image:
+def overlay(
+    pixels: np.ndarray, mask: np.ndarray, class_names: list[str], title: str = "", max_side: int = 384
+) -> Image.Image:
     """The image beside the image blended with the mask's PASCAL colours, a legend of the classes below."""
     H, W = mask.shape
     scale = min(1.0, max_side / max(H, W))

@@ -91,9 +91,7 @@ def _authors_config(sd: Mapping[str, torch.Tensor], name: str) -> dict[str, Any]
     patch = sd["patch_embed.proj.weight"].shape[-1]
     attn_width = sd["head.weight"].shape[1] - C
     if attn_width <= 0 or attn_width % (depth * K):
-        raise CheckpointError(
-            f"{name}: head input width {sd['head.weight'].shape[1]} is not {C} + depth*heads*{K}"
-        )
+        raise CheckpointError(f"{name}: head input width {sd['head.weight'].shape[1]} is not {C} + depth*heads*{K}")
     st_blocks = [i for i in blocks if f"blocks.{i}.st_attn.qkv.weight" in sd]
     first = "blocks.0.st_attn.qkv.bias" if 0 in st_blocks else "blocks.0.attn.qkv.bias"
     cfg = {

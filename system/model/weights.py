@@ -12,8 +12,9 @@ import dataclasses
 import io
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load as safetensors_load
@@ -221,7 +222,9 @@ def init_from_deit(model: ClusterCAM, src: str | Path | Mapping) -> list[str]:
     own = model.state_dict()
     for key, value in mapped.items():
         if own[key].shape != value.shape:
-            raise CheckpointError(f"DeiT tensor for {key} has shape {tuple(value.shape)}, model has {tuple(own[key].shape)}")
+            raise CheckpointError(
+                f"DeiT tensor for {key} has shape {tuple(value.shape)}, model has {tuple(own[key].shape)}"
+            )
     missing, unexpected = model.load_state_dict(mapped, strict=False)
     if unexpected:
         raise CheckpointError(f"unexpected keys after DeiT mapping: {unexpected}")

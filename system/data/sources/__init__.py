@@ -22,13 +22,23 @@ class SourceConfig:
     """Where the input dataset lives and how to read it."""
 
     format: Literal["voc", "coco", "openimages", "manifest", "synthetic"] = option(
-        "synthetic", doc="input layout: voc | coco | openimages | manifest | synthetic")
-    path: str = option("", doc="dataset root (voc, coco, openimages) or manifest file (.jsonl/.csv); local path or s3:// URI")
-    split: str = option("train", doc="split name: voc ImageSets list, coco instances_<split>.json, openimages <split> labels")
-    classes: list[str] = option(factory=list, doc="class list/order: openimages subset (names or MIDs); manifest class names (default: all seen)")
+        "synthetic", doc="input layout: voc | coco | openimages | manifest | synthetic"
+    )
+    path: str = option(
+        "", doc="dataset root (voc, coco, openimages) or manifest file (.jsonl/.csv); local path or s3:// URI"
+    )
+    split: str = option(
+        "train", doc="split name: voc ImageSets list, coco instances_<split>.json, openimages <split> labels"
+    )
+    classes: list[str] = option(
+        factory=list,
+        doc="class list/order: openimages subset (names or MIDs); manifest class names (default: all seen)",
+    )
     masks: bool = option(True, doc="carry ground-truth masks along when the source has them")
     ids_file: str = option("", doc="voc: id list file (e.g. the authors' voc12/train_aug_id.txt) instead of ImageSets")
-    labels_file: str = option("", doc="voc: the authors' cls_labels.npy; openimages: image-level labels CSV (default: found under path)")
+    labels_file: str = option(
+        "", doc="voc: the authors' cls_labels.npy; openimages: image-level labels CSV (default: found under path)"
+    )
     classes_file: str = option("", doc="openimages: class descriptions CSV (default: found under path)")
     annotations: str = option("", doc="coco: instances JSON (default <path>/annotations/instances_<split>.json)")
     images: str = option("", doc="image folder (default: coco <path>/<split>, openimages <path>/<split>)")

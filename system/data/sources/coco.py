@@ -113,9 +113,18 @@ class CocoSource:
             extra = None
             if self.cfg.masks:
                 extra = {
-                    "height": image["height"], "width": image["width"],
-                    "anns": [[self._index[a["category_id"]], int(a.get("iscrowd", 0)), float(a.get("area", 0)),
-                              a["segmentation"]] for a in known if a.get("segmentation")],
+                    "height": image["height"],
+                    "width": image["width"],
+                    "anns": [
+                        [
+                            self._index[a["category_id"]],
+                            int(a.get("iscrowd", 0)),
+                            float(a.get("area", 0)),
+                            a["segmentation"],
+                        ]
+                        for a in known
+                        if a.get("segmentation")
+                    ],
                 }
             yield Entry(
                 id=PurePosixPath(image["file_name"]).stem,

@@ -15,9 +15,9 @@ import json
 from pathlib import PurePosixPath
 
 from system import storage
-from system.rejects import Reject
 from system.data.sources import BadEntry, Entry, Loaded, SourceConfig
 from system.masks import decode_mask
+from system.rejects import Reject
 
 
 class ManifestSource:
@@ -73,8 +73,12 @@ class ManifestSource:
                 yield Reject(sample_id, where, "malformed", "labels must be a list of class names")
                 continue
             mask = row.get("mask")
-            yield Entry(sample_id, self._resolve(image), tuple(dict.fromkeys(labels)),
-                        {"mask": self._resolve(mask) if isinstance(mask, str) and mask else None})
+            yield Entry(
+                sample_id,
+                self._resolve(image),
+                tuple(dict.fromkeys(labels)),
+                {"mask": self._resolve(mask) if isinstance(mask, str) and mask else None},
+            )
 
     def entries(self):
         yield from self.__dict__.pop("_pending", None) or self._parse()

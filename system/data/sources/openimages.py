@@ -13,12 +13,16 @@ import io
 from fnmatch import fnmatch
 
 from system import storage
-from system.rejects import Reject
 from system.data.sources import Entry, Loaded, SourceConfig
+from system.rejects import Reject
 
 
 def _find(root: str, pattern: str, what: str) -> str:
-    matches = [u for u in storage.list_uris(root) if "/" not in u[len(root.rstrip("/")) + 1:] and fnmatch(u.rsplit("/", 1)[-1], pattern)]
+    matches = [
+        u
+        for u in storage.list_uris(root)
+        if "/" not in u[len(root.rstrip("/")) + 1 :] and fnmatch(u.rsplit("/", 1)[-1], pattern)
+    ]
     if len(matches) != 1:
         found = ", ".join(m.rsplit("/", 1)[-1] for m in matches) or "none"
         raise FileNotFoundError(f"{root}: expected one {what} matching {pattern!r} (found: {found}); set it explicitly")
@@ -36,7 +40,9 @@ class OpenImagesSource:
         self.labels_file = cfg.labels_file or _find(cfg.path, f"*{cfg.split}*imagelabels*.csv", "labels CSV")
         self.classes_file = cfg.classes_file or _find(cfg.path, "*class-descriptions*.csv", "class descriptions CSV")
         self.images = cfg.images or storage.join(cfg.path, cfg.split)
-        descriptions = [row[:2] for row in _rows(self.classes_file) if len(row) >= 2 and row[:2] != ["LabelName", "DisplayName"]]
+        descriptions = [
+            row[:2] for row in _rows(self.classes_file) if len(row) >= 2 and row[:2] != ["LabelName", "DisplayName"]
+        ]
         counts: dict[str, int] = {}
         for _, name in descriptions:
             counts[name] = counts.get(name, 0) + 1
@@ -58,7 +64,9 @@ class OpenImagesSource:
         try:
             col_id, col_label, col_conf = (header.index(c) for c in ("ImageID", "LabelName", "Confidence"))
         except ValueError:
-            raise ValueError(f"{self.labels_file}: needs columns ImageID, LabelName, Confidence (got {header})") from None
+            raise ValueError(
+                f"{self.labels_file}: needs columns ImageID, LabelName, Confidence (got {header})"
+            ) from None
         labels: dict[str, dict[str, None]] = {}
         width = max(col_id, col_label, col_conf) + 1
         for line, row in enumerate(rows, start=2):
@@ -67,7 +75,12 @@ class OpenImagesSource:
             except ValueError:
                 confidence = None
             if confidence is None:
-                yield Reject(row[col_id] if len(row) > col_id else "", f"{self.labels_file}:{line}", "malformed", "malformed labels row")
+                yield Reject(
+                    row[col_id] if len(row) > col_id else "",
+                    f"{self.labels_file}:{line}",
+                    "malformed",
+                    "malformed labels row",
+                )
                 continue
             tags = labels.setdefault(row[col_id], {})
             if confidence == 1.0 and row[col_label] in self._mid_to_name:

@@ -49,8 +49,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         corners = 10
     elif shape == "cross":
         arm = 0.35
-        pts = [(arm, 1), (arm, arm), (1, arm), (1, -arm), (arm, -arm), (arm, -1),
-               (-arm, -1), (-arm, -arm), (-1, -arm), (-1, arm), (-arm, arm), (-arm, 1)]
+        pts = [
+            (arm, 1),
+            (arm, arm),
+            (1, arm),
+            (1, -arm),
+            (arm, -arm),
+            (arm, -1),
+            (-arm, -1),
+            (-arm, -arm),
+            (-1, -arm),
+            (-1, arm),
+            (-arm, arm),
+            (-arm, 1),
+        ]
         cos, sin = math.cos(angle), math.sin(angle)
         return [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in pts]
     else:
@@ -58,8 +70,13 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         radii = [r * (1.15 if shape == "triangle" else 1.0)] * corners
         if shape == "square":
             angle += math.pi / 4
-    return [(cx + radii[i] * math.cos(angle + 2 * math.pi * i / corners),
-             cy + radii[i] * math.sin(angle + 2 * math.pi * i / corners)) for i in range(corners)]
+    return [
+        (
+            cx + radii[i] * math.cos(angle + 2 * math.pi * i / corners),
+            cy + radii[i] * math.sin(angle + 2 * math.pi * i / corners),
+        )
+        for i in range(corners)
+    ]
 
 
 def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:

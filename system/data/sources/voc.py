@@ -23,8 +23,25 @@ from system.data.sources import BadEntry, Entry, Loaded, SourceConfig, labels_fr
 from system.masks import decode_mask
 
 VOC_CLASSES = [
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
     "tvmonitor",
 ]
 _MASK_DIRS = ("SegmentationClass", "SegmentationClassAug")
@@ -32,9 +49,12 @@ _MASK_DIRS = ("SegmentationClass", "SegmentationClassAug")
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
     }
 
     def find_class(self, module, name):
@@ -90,14 +110,16 @@ class VocSource:
             labels = None
             if table is not None:
                 vector = table.get(sample_id)
-                labels = () if vector is None else tuple(
-                    self.class_names[k] for k in np.flatnonzero(np.asarray(vector) > 0.5))
+                labels = (
+                    ()
+                    if vector is None
+                    else tuple(self.class_names[k] for k in np.flatnonzero(np.asarray(vector) > 0.5))
+                )
             yield Entry(
                 id=sample_id,
                 image=storage.join(self.root, "JPEGImages", f"{sample_id}.jpg"),
                 labels=labels,
-                extra={"mask": masks.get(sample_id),
-                       "xml": storage.join(self.root, "Annotations", f"{sample_id}.xml")},
+                extra={"mask": masks.get(sample_id), "xml": storage.join(self.root, "Annotations", f"{sample_id}.xml")},
             )
 
     def load(self, entry: Entry) -> Loaded:
@@ -106,7 +128,9 @@ class VocSource:
         mask = decode_mask(storage.get_bytes(mask_uri)) if mask_uri else None
         labels = entry.labels
         if labels is None:
-            labels = labels_from_mask(mask, self.class_names) if mask is not None else self._xml_labels(entry.extra["xml"])
+            labels = (
+                labels_from_mask(mask, self.class_names) if mask is not None else self._xml_labels(entry.extra["xml"])
+            )
         return Loaded(image, mask if self.cfg.masks else None, labels)
 
     @staticmethod
