@@ -148,43 +148,31 @@ def _shard_sample(raw: dict, uri: str, class_index: dict[str, int]) -> Sample:
     return sample
 
 
+def _read_member(uri: str, what: str) -> tuple[bytes | None, str, str]:
+    """(bytes, "", "") or (None, code, reason). A transient storage fault is raised, not returned: it is
+    not a property of the input, and the unit is retried."""
+    try:
+        return storage.get_bytes(uri), "", ""
+    except (FileNotFoundError, OSError, storage.StorageError) as exc:
+        if storage.is_transient(exc):
+            raise
+        code = "not_found" if isinstance(exc, FileNotFoundError) else "unreadable"
+        return None, code, f"cannot read {what} ({type(exc).__name__}: {exc})"
+
+
 def _manifest_sample(entry: Entry, class_index: dict[str, int]) -> Sample:
     key = escape_id(entry.id)
     labels = tuple(sorted(class_index[n] for n in entry.labels))
-    try:
-        image = storage.get_bytes(entry.image)
-    except (FileNotFoundError, OSError, storage.StorageError) as exc:
-        if storage.is_transient(exc):
-            raise  # not a property of the image: the unit is retried
-        code = "not_found" if isinstance(exc, FileNotFoundError) else "unreadable"
-        return Sample(
-            key,
-            entry.id,
-            labels,
-            None,
-            None,
-            entry.image,
-            Reject(entry.id, entry.image, code, f"cannot read image ({type(exc).__name__}: {exc})", key),
-        )
+    image, code, reason = _read_member(entry.image, "image")
+    if image is None:
+        return Sample(key, entry.id, labels, None, None, entry.image, Reject(entry.id, entry.image, code, reason, key))
     gt = None
     mask_uri = (entry.extra or {}).get("mask")
     if mask_uri:
-        try:
-            gt = storage.get_bytes(mask_uri)
-        except (FileNotFoundError, OSError, storage.StorageError) as exc:
-            if storage.is_transient(exc):
-                raise
-            return Sample(
-                key,
-                entry.id,
-                labels,
-                None,
-                None,
-                mask_uri,
-                Reject(
-                    entry.id, mask_uri, "mask_unreadable", f"cannot read GT mask ({type(exc).__name__}: {exc})", key
-                ),
-            )
+        gt, code, reason = _read_member(mask_uri, "GT mask")
+        if gt is None:
+            reject = Reject(entry.id, mask_uri, f"mask_{code}", reason, key)
+            return Sample(key, entry.id, labels, None, None, mask_uri, reject)
     return Sample(key, entry.id, labels, image, gt, entry.image)
 
 
