@@ -419,9 +419,14 @@ def start_s3(
                 ) from None
             time.sleep(0.3)
     try:
+        # Right after a restart SeaweedFS may answer a re-create of an existing bucket with
+        # BucketAlreadyExists rather than ...OwnedByYou; on this private server both mean it is ours.
+        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        taken = (client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists)
         for bucket in buckets:
-            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
-                client.create_bucket(Bucket=bucket)
+            if bucket not in existing:
+                with contextlib.suppress(*taken):
+                    client.create_bucket(Bucket=bucket)
     except Exception:
         server.stop()
         raise
