@@ -9,6 +9,7 @@ import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 
+import botocore.exceptions
 import numpy as np
 import pytest
 import torch
@@ -311,6 +312,35 @@ def test_writer_and_final_pass_recover_lines_a_killed_run_never_flushed(tmp_path
     assert final["eval"]["seg"]["miou"] == pytest.approx(direct.miou())
     lines = [json.loads(x) for p in (tmp_path / "job" / "stats").iterdir() for x in p.read_text().splitlines()]
     assert sorted(line["key"] for line in lines) == sorted(r.sample.key for r in results)
+
+
+def test_a_mask_write_cut_off_by_the_network_is_retried_never_recorded_as_the_images_failure(tmp_path, monkeypatch):
+    out = str(tmp_path / "job")
+    cfg = LabelConfig(model="m", data="d", output=out, precision="fp32", scales=[1.0], flush_every=1000)
+    results = run_all(Labeller(tiny_model(), cfg, NAMES), [sample(i) for i in range(3)])
+    unlucky = results[1].sample.key
+    real_put = storage.put_bytes
+
+    def put(uri, data):
+        if uri.endswith(f"/{unlucky}.png"):
+            raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+        real_put(uri, data)
+
+    monkeypatch.setattr(storage, "put_bytes", put)
+    with ThreadPoolExecutor(2) as pool:
+        writer = OutputWriter(cfg, NAMES, "run1", "a0", "model", pool)
+        writer.begin_unit()
+        for r in results:
+            writer.submit(r)
+        with pytest.raises(botocore.exceptions.EndpointConnectionError):
+            writer.collect(wait=True)
+        writer.settle()
+        assert writer.stored == {r.sample.key for r in results} - {unlucky}, "what was stored counts as done"
+        assert writer.failures == [] and writer.written == 2, "a network fault is not the image's failure"
+        monkeypatch.setattr(storage, "put_bytes", real_put)
+        writer.submit(results[1])  # the unit's next try
+        assert writer.close() == []
+    assert list_mask_keys(storage.join(out, "masks")) == {r.sample.key for r in results}
 
 
 def test_previews_are_images_with_a_legend():

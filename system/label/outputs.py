@@ -20,7 +20,6 @@ Layout under ``output``::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections import deque
@@ -157,10 +156,12 @@ class OutputWriter:
                 self.lines.append(future.result())
                 self.written += 1
                 self.stored.add(item.sample.key)
-            except (OSError, storage.StorageError) as exc:
+            except Exception as exc:  # botocore's connection errors are neither OSError nor StorageError
                 if storage.is_transient(exc):
                     transient = transient or exc
                     continue
+                if not isinstance(exc, (OSError, storage.StorageError)):
+                    raise
                 failure = item.sample.reject("write_failed", f"writing the mask failed ({exc})")
                 self.failures.append(failure.line(run=self.run_id))
                 failed.append(failure)
@@ -171,9 +172,14 @@ class OutputWriter:
         return failed
 
     def settle(self) -> None:
-        """Wait for every write in flight after a unit was interrupted, keeping what was stored."""
-        with contextlib.suppress(OSError, storage.StorageError):
-            self.collect(wait=True)
+        """Wait for every write in flight after a unit was interrupted, keeping what was stored; the
+        transient errors are dropped (their keys are redone), any other is raised."""
+        while self.pending:
+            try:
+                self.collect(wait=True)
+            except Exception as exc:
+                if not storage.is_transient(exc):
+                    raise
 
     def flush(self) -> None:
         for folder, lines in ((STATS_DIR, self.lines), (FAILURES_DIR, self.failures)):
