@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import socket
 from functools import lru_cache
 from typing import Literal
 
@@ -48,6 +49,33 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class CudaUnusable(RuntimeError):
+    """A job asked for a GPU and got a worker whose CUDA cannot run: stop before any work, never
+    fall back to the CPU (a 32-GPU run would quietly train on CPUs)."""
+
+
+def cuda_unusable_reason() -> str | None:
+    """None when CUDA works here; else why not, in CUDA's own words (no driver, a driver too old for
+    this torch build, no device visible)."""
+    if torch.cuda.is_available():
+        return None
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # torch raises RuntimeError or AssertionError depending on the cause
+        return " ".join(str(exc).split())[:300] or type(exc).__name__
+    return "no CUDA device is visible to this process"
+
+
+def require_cuda(what: str) -> None:
+    """Raise ``CudaUnusable`` naming ``what`` asked for it, this node and the cause, unless CUDA works."""
+    reason = cuda_unusable_reason()
+    if reason is not None:
+        build = f"torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}"
+        raise CudaUnusable(
+            f"{what} asked for a GPU, but CUDA is not usable on {socket.gethostname()}: {reason} ({build})"
+        )
 
 
 def native_bf16(device: torch.device | str) -> bool:

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 
@@ -22,6 +23,7 @@ from system import storage
 from system.config import load_config
 from system.data.shards import read_dataset
 from system.data.stream import train_loader
+from system.hardware import CudaUnusable
 from system.losses import Losses, StepLossMean, multilabel_loss
 from system.model import ClusterCAM, load_clustercam
 from system.optim import adamw, learning_rate, set_step_hyperparams
@@ -29,6 +31,7 @@ from system.training import TrainConfig, in_seg_phase, micro_batch_losses, strea
 from tests.datasets import build_synthetic
 from tests.golden import assert_rel
 from tests.planted import planted_bytes
+from workers.train import worker_device
 
 NUM_CLASSES = 3
 STEPS = 4  # two classification steps, then two segmentation-phase steps
@@ -231,6 +234,18 @@ def test_a_planted_pickle_in_the_checkpoint_fails_the_resumed_run_without_runnin
         run(tiny_config(dataset, s3_root, run_name="planted", max_steps=STEPS))
     assert not marker.exists()
     assert [r["step"] for r in history(first)] == [1]  # a fresh start would have rewritten steps 1..STEPS
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without usable CUDA")
+def test_use_gpu_without_usable_cuda_stops_the_worker_naming_the_node_and_the_cause():
+    cfg = tiny_config("s3://b/d", "s3://b/o", use_gpu=True)
+    with pytest.raises(CudaUnusable) as refused:
+        worker_device(cfg, 0)
+    message = str(refused.value)
+    assert message.startswith(
+        f"training (use_gpu=true) asked for a GPU, but CUDA is not usable on {socket.gethostname()}: "
+    )
+    assert "NVIDIA driver" in message and f"built for CUDA {torch.version.cuda}" in message
 
 
 def test_preflight_names_what_is_wrong(dataset, s3_root, s3_bucket, tmp_path):

@@ -30,6 +30,7 @@ import torch
 from ray.experimental import tqdm_ray
 
 from system import storage
+from system.hardware import require_cuda
 from system.label.config import LabelConfig
 from system.label.infer import Labeller
 from system.label.inputs import Unit, unit_samples
@@ -71,7 +72,9 @@ class LabelActor:
         self.name = f"{index}"
         self.class_names = class_names
         self.done = done
-        self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+        if ray.get_gpu_ids():
+            require_cuda(f"label actor {index} (gpus_per_actor={cfg.gpus_per_actor})")
+        self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         start = time.monotonic()
         model = load_clustercam(cfg.model).to(self.device)
         self.load_seconds = time.monotonic() - start

@@ -29,7 +29,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from system.config import from_dict
 from system.data.shards import read_dataset
 from system.data.stream import train_loader
-from system.hardware import Resolved, resolve_precision
+from system.hardware import Resolved, require_cuda, resolve_precision
 from system.losses import Ranks, StepLossMean
 from system.model import (
     ClusterCAM,
@@ -126,7 +126,8 @@ def record_step(
 
 
 def worker_device(cfg: TrainConfig, local_rank: int) -> torch.device:
-    if cfg.use_gpu and torch.cuda.is_available():
+    if cfg.use_gpu:
+        require_cuda("training (use_gpu=true)")
         return torch.device("cuda", local_rank)
     # the worker owns cpus_per_worker cores; torch would otherwise follow OMP_NUM_THREADS from Ray
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
