@@ -82,16 +82,22 @@ def _port_free(port: int) -> bool:
 
 
 def free_ports(count: int, grpc_pairs: bool = False) -> list[int]:
-    """Distinct free loopback ports; with ``grpc_pairs`` port+10000 must be free too (SeaweedFS)."""
+    """Distinct free loopback ports; with ``grpc_pairs`` port+10000 must be free too, and no port may be
+    another's port+10000 (SeaweedFS derives each gRPC port so and refuses such a pair at start)."""
     ports: list[int] = []
+    taken: set[int] = set()
     while len(ports) < count:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port in ports or (grpc_pairs and (port + _GRPC_OFFSET > 65535 or not _port_free(port + _GRPC_OFFSET))):
+        if port in taken:
             continue
-        if grpc_pairs and port < 20000:
-            continue
+        if grpc_pairs:
+            grpc = port + _GRPC_OFFSET
+            if port < 20000 or grpc > 65535 or grpc in taken or not _port_free(grpc):
+                continue
+            taken.add(grpc)
+        taken.add(port)
         ports.append(port)
     return ports
 

@@ -20,7 +20,7 @@ import boto3
 import psutil
 import pytest
 
-from pipelines.stack import is_loopback, session_processes
+from pipelines.stack import free_ports, is_loopback, session_processes
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -226,3 +226,10 @@ def test_a_stack_folder_starts_again_with_its_data_credentials_and_bucket(tmp_pa
     finally:
         stack("stop", "--dir", str(folder))
     assert weed_processes(state) == []
+
+
+def test_seaweedfs_ports_never_collide_with_each_others_grpc_ports():
+    for _ in range(3000):  # a random collision is rare: many draws make missing the guard show
+        ports = free_ports(5, grpc_pairs=True)
+        used = set(ports) | {p + 10000 for p in ports}
+        assert len(used) == 10, f"{ports}: one port is another's gRPC port (weed mini refuses to start)"
