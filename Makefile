@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv lint test test-fast demo docs clean-venv
+.PHONY: venv lint test test-fast demo docs lock lock-cu128 clean-venv
 
 venv: $(STAMP)
 
@@ -38,6 +38,21 @@ demo: venv
 # Regenerate the README's config and metrics reference from the typed configs.
 docs: venv
 	$(BIN)/python -m pipelines.docs
+
+# The cluster image's dependencies, every one pinned with its hashes (infra/docker/Dockerfile installs
+# them with --require-hashes), resolved from pyproject.toml for the image's Python and platform. Needs
+# uv (pip install uv, in any environment). `lock`: PyPI's torch, built for CUDA 13.0; `lock-cu128`:
+# the CUDA 12.8 build from PyTorch's own index (build the image with --build-arg TORCH_CUDA=cu128).
+UV        ?= uv
+LOCK_ARGS := pip compile pyproject.toml --generate-hashes --python-version 3.11 \
+             --python-platform x86_64-manylinux_2_28 --custom-compile-command 'make lock'
+
+lock:
+	$(UV) $(LOCK_ARGS) --index-url https://pypi.org/simple -o infra/docker/requirements-cu130.lock
+
+lock-cu128:
+	$(UV) $(LOCK_ARGS) --index-url https://download.pytorch.org/whl/cu128 --extra-index-url https://pypi.org/simple \
+	    --index-strategy unsafe-best-match -o infra/docker/requirements-cu128.lock
 
 clean-venv:
 	rm -rf $(VENV)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from pipelines.entry import BadInput
 from system import storage
 
 
@@ -31,3 +32,26 @@ def start_ray():
         else:
             ray.init(runtime_env=runtime_env)
     return ray
+
+
+def wait_placed(actors: list, refs: list, timeout_s: float, what: str, asks: dict[str, float]) -> list:
+    """``ray.get(refs)`` of the first call to each of ``actors``, but bounded: an actor the cluster
+    cannot place waits forever in Ray, so after ``timeout_s`` this kills the pool and raises
+    ``BadInput`` naming the resources each actor asked for and what the cluster has. Long enough for
+    an autoscaler to add nodes; short enough that a job asking for GPUs no node offers stops instead
+    of hanging."""
+    import ray
+
+    _ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        for actor in actors:
+            ray.kill(actor)
+        asked = ", ".join(f"{k}={v:g}" for k, v in asks.items() if v)
+        have = ", ".join(f"{k}={v:g}" for k, v in sorted(ray.cluster_resources().items()) if k in ("CPU", "GPU"))
+        raise BadInput(
+            f"{len(pending)} of {len(refs)} {what} could not be placed within {timeout_s:g} s: each asks for "
+            f"{asked}; the cluster has {have or 'nothing'} in all. Give the cluster nodes with these resources (an "
+            "autoscaling cluster: a worker group that offers them, with room under its maximum), or ask for less "
+            "(gpus_per_actor=0 labels on CPUs)"
+        )
+    return ray.get(refs)

@@ -107,9 +107,13 @@ def run(cfg: IngestConfig) -> DatasetInfo:
         len(work.rejects),
         output,
     )
+    run_name = cfg.name or output.rsplit("/", 1)[-1]
     metrics = ingest_metrics()
+    todo_inputs = sum(len(tasks[i].entries) for i in todo)
+    metrics.inputs.labels(run_name).set(work.inputs)
+    metrics.done_inputs.labels(run_name).inc(work.inputs - todo_inputs)
     for reject in work.rejects:
-        metrics.rejects.labels(reason=reject["code"]).inc()
+        metrics.rejects.labels(run_name, reject["code"]).inc()
     if cfg.metrics_port:
         start_metrics_server(cfg.metrics_port, cfg.metrics_addr)
     if todo:
@@ -117,14 +121,15 @@ def run(cfg: IngestConfig) -> DatasetInfo:
         from workers.ingest import ingest_shard
 
         source_ref = ray.put(source)
-        progress = Progress(sum(len(tasks[i].entries) for i in todo), "ingest inputs", log.info, cfg.progress_every_s)
+        progress = Progress(todo_inputs, "ingest inputs", log.info, cfg.progress_every_s)
 
         def done(index: int, record: dict) -> None:
             parts[index] = record
-            metrics.shards.inc()
-            metrics.samples.inc(record["samples"])
+            metrics.shards.labels(run_name).inc()
+            metrics.samples.labels(run_name).inc(record["samples"])
+            metrics.done_inputs.labels(run_name).inc(record["inputs"])
             for reject in record["rejects"]:
-                metrics.rejects.labels(reason=reject["code"]).inc()
+                metrics.rejects.labels(run_name, reject["code"]).inc()
             progress.update(record["inputs"])
 
         lost = fan_out(
@@ -142,7 +147,7 @@ def run(cfg: IngestConfig) -> DatasetInfo:
             )
     info = ingest.finalize(
         output,
-        cfg.name or output.rsplit("/", 1)[-1],
+        run_name,
         source.class_names,
         parts,
         work.rejects,

@@ -29,7 +29,7 @@ import uuid
 
 from PIL import Image
 
-from pipelines.cluster import start_ray
+from pipelines.cluster import start_ray, wait_placed
 from pipelines.entry import Incomplete, run_main
 from pipelines.export import ExportConfig
 from pipelines.export import run as export
@@ -109,10 +109,12 @@ def run(cfg: LabelConfig) -> dict:
     done_ref = ray.put(done)
     actor = LabelActor.options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
     actors = [actor.remote(cfg, names, run_id, i, done_ref, model_id) for i in range(cfg.num_actors)]
-    infos = ray.get([a.info.remote() for a in actors])
+    asks = {"CPU": cfg.cpus_per_actor, "GPU": gpus}
+    infos = wait_placed(actors, [a.info.remote() for a in actors], cfg.actor_start_timeout_s, "label actors", asks)
     log.info("label %s: actors ready: %s", run_id, infos)
 
     metrics = label_metrics()
+    metrics.input_images.labels(run_id).set(plan.total)
     progress = Progress(plan.total, "label")
     seen: set[str] = set()
     failures: list[dict] = [r.line(run=run_id) for r in plan.rejects]
@@ -133,9 +135,10 @@ def run(cfg: LabelConfig) -> dict:
         failures.extend(result.failures)
         previews.extend(result.previews[: cfg.num_previews - len(previews)])
         progress.update(len(result.seen))
+        metrics.done_images.labels(run_id).inc(len(result.seen))
 
     def waiting(in_flight: int) -> None:
-        metrics.queue_depth.set(len(plan.units) - finished - in_flight + max(0, in_flight - len(actors)))
+        metrics.queue_depth.labels(run_id).set(len(plan.units) - finished - in_flight + max(0, in_flight - len(actors)))
 
     slots = [a for _ in range(UNITS_PER_ACTOR) for a in actors]
     lost = fan_out(
@@ -151,7 +154,7 @@ def run(cfg: LabelConfig) -> dict:
         reason = f"unit {item.unit.index} lost after {item.attempts} attempts: {item.error}"
         failures.append(Reject("", item.unit.uri, "unit_lost", reason).line(run=run_id))
     pool_seconds = time.monotonic() - t_pool
-    metrics.queue_depth.set(0)
+    metrics.queue_depth.labels(run_id).set(0)
     for a in actors:
         ray.kill(a)
 

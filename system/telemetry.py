@@ -1,9 +1,13 @@
 """Prometheus metrics, progress lines and the one logging set-up shared by every job.
 
 Metric names follow one pattern: ``clustercam_<what>_<unit>``. Each process (a training worker, a
-labelling actor, the ingest driver) exposes its own registry on its own port, on loopback unless
-told otherwise, and labels its series with its role (``rank``/``actor``) so a scrape of all workers
-adds up.
+labelling actor, the ingest or labelling driver) exposes its own registry on its own port, on
+loopback unless told otherwise. Ports are keyed by what is local to a node (a worker's local rank,
+an actor's slot on its node), so a pod declares a fixed, small set of ports whatever the job's size.
+
+Every series carries ``run`` (the training run's name, the labelling run's id, the ingested
+dataset's name), so one Prometheus serves many runs and a dashboard picks one; the other labels
+are bounded codes (``rank``, ``actor``, a loss ``term``, a rejection's ``code``), never free text.
 """
 
 from __future__ import annotations
@@ -33,6 +37,19 @@ def start_metrics_server(port: int, addr: str = "127.0.0.1") -> int:
     return server.server_port
 
 
+def start_metrics_server_in_range(first: int, count: int, addr: str = "127.0.0.1") -> int | None:
+    """Serve on the first free port of ``first .. first + count - 1``: processes that share a node
+    and have no local rank of their own (labelling actors) take one slot each of a range the pod
+    declares. None (and a warning) when every slot is taken: metrics must never stop the work."""
+    for port in range(first, first + count):
+        try:
+            return start_metrics_server(port, addr)
+        except OSError:
+            continue
+    log.warning("no free metrics port in %d-%d on %s: this process is not scraped", first, first + count - 1, addr)
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainMetrics:
     samples: Counter
@@ -50,27 +67,32 @@ class TrainMetrics:
 def train_metrics() -> TrainMetrics:
     r = REGISTRY
     return TrainMetrics(
-        samples=Counter("clustercam_train_samples", "training samples consumed", ["rank"], registry=r),
-        steps=Counter("clustercam_train_steps", "optimizer steps taken", ["rank"], registry=r),
+        samples=Counter("clustercam_train_samples", "training samples consumed", ["run", "rank"], registry=r),
+        steps=Counter("clustercam_train_steps", "optimizer steps taken", ["run", "rank"], registry=r),
         step_seconds=Histogram(
-            "clustercam_train_step_seconds", "wall time of one step", ["rank"], buckets=_STEP_BUCKETS, registry=r
+            "clustercam_train_step_seconds", "wall time of one step", ["run", "rank"], buckets=_STEP_BUCKETS, registry=r
         ),
         data_wait_seconds=Histogram(
             "clustercam_data_wait_seconds",
             "time a step waited for its batch",
-            ["rank"],
+            ["run", "rank"],
             buckets=_STEP_BUCKETS,
             registry=r,
         ),
         samples_per_second=Gauge(
-            "clustercam_train_samples_per_second", "recent training throughput", ["rank"], registry=r
+            "clustercam_train_samples_per_second", "recent training throughput", ["run", "rank"], registry=r
         ),
-        loss=Gauge("clustercam_train_loss", "last loss by term (total, cls, pat, seg)", ["rank", "term"], registry=r),
-        learning_rate=Gauge("clustercam_train_learning_rate", "current learning rate", ["rank"], registry=r),
+        loss=Gauge(
+            "clustercam_train_loss", "last loss by term (total, cls, pat, seg)", ["run", "rank", "term"], registry=r
+        ),
+        learning_rate=Gauge("clustercam_train_learning_rate", "current learning rate", ["run", "rank"], registry=r),
         memory_bytes=Gauge(
-            "clustercam_train_memory_bytes", "peak accelerator memory (resident set on CPU)", ["rank"], registry=r
+            "clustercam_train_memory_bytes",
+            "peak accelerator memory (resident set on CPU)",
+            ["run", "rank"],
+            registry=r,
         ),
-        epoch=Gauge("clustercam_train_epoch", "current epoch", ["rank"], registry=r),
+        epoch=Gauge("clustercam_train_epoch", "current epoch", ["run", "rank"], registry=r),
     )
 
 
@@ -81,23 +103,41 @@ class LabelMetrics:
     batch_seconds: Histogram
     images_per_second: Gauge
     queue_depth: Gauge
+    input_images: Gauge
+    done_images: Counter
 
 
 @lru_cache(maxsize=1)
 def label_metrics() -> LabelMetrics:
     r = REGISTRY
     return LabelMetrics(
-        images=Counter("clustercam_label_images", "images labelled (masks written)", ["actor"], registry=r),
+        images=Counter("clustercam_label_images", "images labelled (masks written)", ["run", "actor"], registry=r),
         failures=Counter(
-            "clustercam_label_failures", "images that could not be labelled", ["actor", "reason"], registry=r
+            "clustercam_label_failures",
+            "images that could not be labelled, by rejection code",
+            ["run", "actor", "code"],
+            registry=r,
         ),
         batch_seconds=Histogram(
-            "clustercam_label_batch_seconds", "model time per batch", ["actor"], buckets=_STEP_BUCKETS, registry=r
+            "clustercam_label_batch_seconds",
+            "model time per batch",
+            ["run", "actor"],
+            buckets=_STEP_BUCKETS,
+            registry=r,
         ),
         images_per_second=Gauge(
-            "clustercam_label_images_per_second", "recent labelling throughput", ["actor"], registry=r
+            "clustercam_label_images_per_second", "recent labelling throughput", ["run", "actor"], registry=r
         ),
-        queue_depth=Gauge("clustercam_label_queue_depth", "batches waiting for an actor", registry=r),
+        queue_depth=Gauge("clustercam_label_queue_depth", "work units waiting for an actor", ["run"], registry=r),
+        input_images=Gauge(
+            "clustercam_label_input_images", "images the run covers (the total of its progress)", ["run"], registry=r
+        ),
+        done_images=Counter(
+            "clustercam_label_done_images",
+            "images finished by the run: mask written, skipped as already labelled, or failed",
+            ["run"],
+            registry=r,
+        ),
     )
 
 
@@ -106,15 +146,23 @@ class IngestMetrics:
     samples: Counter
     rejects: Counter
     shards: Counter
+    inputs: Gauge
+    done_inputs: Counter
 
 
 @lru_cache(maxsize=1)
 def ingest_metrics() -> IngestMetrics:
     r = REGISTRY
     return IngestMetrics(
-        samples=Counter("clustercam_ingest_samples", "samples written to shards", registry=r),
-        rejects=Counter("clustercam_ingest_rejects", "inputs rejected", ["reason"], registry=r),
-        shards=Counter("clustercam_ingest_shards", "shards completed", registry=r),
+        samples=Counter("clustercam_ingest_samples", "samples written to shards", ["run"], registry=r),
+        rejects=Counter("clustercam_ingest_rejects", "inputs rejected, by rejection code", ["run", "code"], registry=r),
+        shards=Counter("clustercam_ingest_shards", "shards completed", ["run"], registry=r),
+        inputs=Gauge(
+            "clustercam_ingest_inputs", "inputs the ingest covers (the total of its progress)", ["run"], registry=r
+        ),
+        done_inputs=Counter(
+            "clustercam_ingest_done_inputs", "inputs finished (written into a shard or rejected)", ["run"], registry=r
+        ),
     )
 
 

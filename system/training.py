@@ -82,7 +82,7 @@ class DeepSpeedConfig:
 
 @dataclasses.dataclass
 class MetricsConfig:
-    port: int = option(0, "Prometheus port of worker rank 0 (rank r serves port + r); 0 = no HTTP endpoint")
+    port: int = option(0, "Prometheus port of local rank 0 (local rank r serves port + r); 0 = no HTTP endpoint")
     addr: str = option("127.0.0.1", "address the metrics endpoint binds to")
     log_every_steps: int = option(20, "log a progress line (rate, ETA, losses) every N optimizer steps")
 

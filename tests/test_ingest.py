@@ -195,8 +195,10 @@ def test_bad_inputs_are_rejected_with_reasons_and_counts_add_up(tmp_path, s3_roo
     lines.insert(3, "{not json")
     (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
 
-    def counted(reason: str) -> float:
-        return REGISTRY.get_sample_value("clustercam_ingest_rejects_total", {"reason": reason}) or 0
+    run_name = s3_root.rsplit("/", 1)[-1]
+
+    def counted(code: str) -> float:
+        return REGISTRY.get_sample_value("clustercam_ingest_rejects_total", {"run": run_name, "code": code}) or 0
 
     before = {reason: counted(reason) for reason in ("cmyk", "unsafe_id", "malformed")}
     info = run(
@@ -223,6 +225,11 @@ def test_bad_inputs_are_rejected_with_reasons_and_counts_add_up(tmp_path, s3_roo
     assert "png" in samples[escape_id("bmp")] and "bmp" not in samples[escape_id("bmp")]
     assert json.loads(samples[escape_id("ünï")]["json"])["id"] == "ünï"
     assert {r: counted(r) - before[r] for r in before} == {"cmyk": 1, "unsafe_id": 2, "malformed": 1}
+    progress = [
+        REGISTRY.get_sample_value(name, {"run": run_name})
+        for name in ("clustercam_ingest_done_inputs_total", "clustercam_ingest_inputs")
+    ]
+    assert progress == [info.inputs, info.inputs], "the progress bar ends at 100%"
 
 
 def test_rerun_skips_complete_shards_and_changes_nothing(s3_root, s3_server, caplog):

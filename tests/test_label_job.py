@@ -192,9 +192,11 @@ def test_manifest_both_modes_with_gt(s3_root, ray_cluster):
     )
     job = run(cfg)
     assert job["actors"][0]["metrics_port"] == port + 1
-    assert (
-        "clustercam_label_queue_depth 0.0" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-    )
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    run_label = f'run="{job["run"]}"'
+    assert f"clustercam_label_queue_depth{{{run_label}}} 0.0" in scraped
+    assert f"clustercam_label_input_images{{{run_label}}} 4.0" in scraped
+    assert f"clustercam_label_done_images_total{{{run_label}}} 4.0" in scraped, "progress ends at 100%"
     assert job["counts"]["written"] == 3 and job["counts"]["failed"] == 1
     assert "cannot read image" in job["failures"][0]["reason"]
     direct = {"seg": ConfusionMatrix(K + 1), "cam": ConfusionMatrix(K + 1)}

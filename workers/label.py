@@ -38,9 +38,12 @@ from system.label.outputs import OutputWriter
 from system.label.previews import overlay, png_bytes
 from system.model import load_clustercam
 from system.rejects import Reject
-from system.telemetry import label_metrics, start_metrics_server
+from system.telemetry import label_metrics, start_metrics_server_in_range
 
 log = logging.getLogger("workers.label")
+# Metrics ports an actor may take on its node: metrics_port + 1 ... metrics_port + ACTOR_PORTS (the
+# first free one), so a pod declares this many ports whatever the number of actors in the job.
+ACTOR_PORTS = 8
 
 
 @dataclasses.dataclass
@@ -70,6 +73,7 @@ class LabelActor:
             torch.set_num_threads(cfg.threads_per_actor)
         self.cfg = cfg
         self.name = f"{index}"
+        self.tag = (run_id, self.name)
         self.class_names = class_names
         self.done = done
         if ray.get_gpu_ids():
@@ -84,7 +88,9 @@ class LabelActor:
         self.writer = OutputWriter(cfg, class_names, run_id, f"a{index}-{uuid.uuid4().hex[:6]}", model_id, self.pool)
         self.metrics = label_metrics()
         self.metrics_port = (
-            start_metrics_server(cfg.metrics_port + 1 + index, cfg.metrics_addr) if cfg.metrics_port else None
+            start_metrics_server_in_range(cfg.metrics_port + 1, ACTOR_PORTS, cfg.metrics_addr)
+            if cfg.metrics_port
+            else None
         )
         self.bar = tqdm_ray.tqdm(desc=f"label actor {index}", unit="img", position=index)
 
@@ -100,8 +106,8 @@ class LabelActor:
         }
 
     def _on_batch(self, n: int, seconds: float) -> None:
-        self.metrics.batch_seconds.labels(self.name).observe(seconds)
-        self.metrics.images_per_second.labels(self.name).set(n / max(seconds, 1e-9))
+        self.metrics.batch_seconds.labels(*self.tag).observe(seconds)
+        self.metrics.images_per_second.labels(*self.tag).set(n / max(seconds, 1e-9))
 
     def label(self, unit: Unit, previews: int = 0) -> UnitResult:
         """Label one unit, trying again with backoff while storage fails transiently."""
@@ -155,7 +161,7 @@ class LabelActor:
 
         def fail(item: Reject) -> None:
             failures.append(item.line())
-            self.metrics.failures.labels(self.name, item.code).inc()
+            self.metrics.failures.labels(*self.tag, item.code).inc()
 
         try:
             for item in self.labeller.label(samples(), self.pool, self._on_batch):
@@ -163,7 +169,7 @@ class LabelActor:
                 if isinstance(item, Reject):
                     fail(item)
                     continue
-                self.metrics.images.labels(self.name).inc()
+                self.metrics.images.labels(*self.tag).inc()
                 self.bar.update(1)
                 if len(shown) < previews:
                     mode = self.cfg.modes[-1]

@@ -110,19 +110,26 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def record_step(
-    metrics, tag: str, row: dict, step_time: float, wait: float, samples: int, device, terms: tuple[str, ...]
+    metrics,
+    tag: tuple[str, str],
+    row: dict,
+    step_time: float,
+    wait: float,
+    samples: int,
+    device,
+    terms: tuple[str, ...],
 ) -> None:
-    """``terms``: the row's loss columns, as the model's spec names them."""
-    metrics.samples.labels(tag).inc(samples)
-    metrics.steps.labels(tag).inc()
-    metrics.step_seconds.labels(tag).observe(step_time)
-    metrics.data_wait_seconds.labels(tag).observe(wait)
-    metrics.samples_per_second.labels(tag).set(samples / step_time)
-    metrics.learning_rate.labels(tag).set(row["lr"])
+    """``tag``: the (run, rank) labels; ``terms``: the row's loss columns, as the model's spec names them."""
+    metrics.samples.labels(*tag).inc(samples)
+    metrics.steps.labels(*tag).inc()
+    metrics.step_seconds.labels(*tag).observe(step_time)
+    metrics.data_wait_seconds.labels(*tag).observe(wait)
+    metrics.samples_per_second.labels(*tag).set(samples / step_time)
+    metrics.learning_rate.labels(*tag).set(row["lr"])
     for term in terms:
         if row[term] is not None:
-            metrics.loss.labels(tag, loss_metric_term(term)).set(row[term])
-    metrics.memory_bytes.labels(tag).set(peak_memory_bytes(device))
+            metrics.loss.labels(*tag, loss_metric_term(term)).set(row[term])
+    metrics.memory_bytes.labels(*tag).set(peak_memory_bytes(device))
 
 
 def worker_device(cfg: TrainConfig, local_rank: int) -> torch.device:
@@ -206,25 +213,30 @@ class TrainStep:
 
 
 class StepTelemetry:
-    """Every step's Prometheus metrics and progress, and rank 0's log line every ``log_every_steps``."""
+    """Every step's Prometheus metrics and progress, and rank 0's log line every ``log_every_steps``.
+
+    The endpoint is on ``port + local rank``: a pod (a node) declares one port per GPU it has, and
+    that covers every rank it can run, however many nodes the job spans."""
 
     def __init__(
         self,
         cfg: MetricsConfig,
+        run: str,
         rank: int,
+        local_rank: int,
         total_steps: int,
         start_step: int,
         device: torch.device,
         terms: tuple[str, ...],
     ):
-        self.cfg, self.rank, self.tag, self.device, self.terms = cfg, rank, str(rank), device, terms
+        self.cfg, self.rank, self.tag, self.device, self.terms = cfg, rank, (run, str(rank)), device, terms
         self.metrics = train_metrics()
         if cfg.port:
-            start_metrics_server(cfg.port + rank, cfg.addr)
+            start_metrics_server(cfg.port + local_rank, cfg.addr)
         self.progress = Progress(total_steps, "train steps", log=lambda _: None, start=start_step)
 
     def epoch(self, epoch: int) -> None:
-        self.metrics.epoch.labels(self.tag).set(epoch)
+        self.metrics.epoch.labels(*self.tag).set(epoch)
 
     def step(self, row: dict, stats: StepStats) -> None:
         record_step(self.metrics, self.tag, row, stats.step_time, stats.wait, stats.samples, self.device, self.terms)
@@ -284,7 +296,14 @@ def train_loop_per_worker(config: dict) -> None:
     validator = Validator(cfg.validation, cfg.schedule, len(class_names), device, precision.dtype, rank, world)
     train_step = TrainStep(cfg, engine, optimizer, steps, rank, Ranks.of_process_group(), device, precision.dtype)
     telemetry = StepTelemetry(
-        cfg.metrics, rank, total_steps, position.global_step, device, get_spec(cfg.model.kind).loss_terms
+        cfg.metrics,
+        cfg.run_name,
+        rank,
+        ctx.get_local_rank(),
+        total_steps,
+        position.global_step,
+        device,
+        get_spec(cfg.model.kind).loss_terms,
     )
     if rank == 0:
         log.info(

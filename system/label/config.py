@@ -69,7 +69,16 @@ class LabelConfig:
     overwrite: bool = option(False, doc="recompute masks that already exist")
     num_actors: int = option(1, doc="labelling actors (one model copy each)")
     cpus_per_actor: float = option(0.5, doc="Ray CPUs reserved per actor (fractional, so read tasks are never starved)")
-    gpus_per_actor: float = option(-1.0, doc="Ray GPUs per actor; -1: 1 when the cluster has GPUs, else 0")
+    gpus_per_actor: float = option(
+        -1.0,
+        doc="Ray GPUs per actor; -1: 1 when the cluster has GPUs when the job starts, else 0 (an autoscaling "
+        "cluster scaled to zero has none: ask for 1 explicitly there)",
+    )
+    actor_start_timeout_s: float = option(
+        900.0,
+        doc="seconds the actors may take to be placed and load the model (an autoscaler adding GPU nodes) "
+        "before the job stops, naming the resources asked for",
+    )
     threads_per_actor: int = option(0, doc="torch CPU threads per actor; 0: Ray's default (max(1, cpus_per_actor))")
     decode_threads: int = option(2, doc="threads per actor decoding images and writing masks while the model runs")
     manifest_chunk: int = option(256, doc="manifest images per work unit (a dataset's unit is one shard)")
@@ -114,6 +123,8 @@ class LabelConfig:
             raise ValueError(f"scales must be a non-empty list of positive numbers, got {self.scales}")
         if not self.cam_scales or min(self.cam_scales) <= 0:
             raise ValueError(f"cam_scales must be a non-empty list of positive numbers, got {self.cam_scales}")
+        if not 0 < self.actor_start_timeout_s:
+            raise ValueError(f"actor_start_timeout_s must be positive, got {self.actor_start_timeout_s}")
         if not 0 < self.cpus_per_actor:
             raise ValueError(f"cpus_per_actor must be positive, got {self.cpus_per_actor}")
         if self.crf and self.mode == "cam":
