@@ -46,6 +46,9 @@ class IngestConfig:
         "ingest gives up on it and exits incomplete (status 3)",
     )
     max_pixels: int = option(50_000_000, doc="images with more pixels are rejected")
+    load_threads: int = option(
+        8, doc="inputs one shard task reads and checks at once (URL fetches, S3 reads), kept in order"
+    )
     verify: Verify = option(
         "structure",
         doc="structure: file structure without a decode (JPEG markers, tables, restart "
@@ -81,6 +84,7 @@ def run(cfg: IngestConfig) -> DatasetInfo:
             ingest.fingerprint(group, source.class_names, settings),
             cfg.max_pixels,
             cfg.verify,
+            cfg.load_threads,
         )
         for i, group in enumerate(work.groups)
     ]

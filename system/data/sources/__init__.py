@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from system.config import option
+from system.data.fetch import FetchConfig
 
 
 @dataclass
@@ -46,6 +47,7 @@ class SourceConfig:
     num_classes: int = option(6, doc="synthetic: number of classes (at most 24)")
     image_size: int = option(96, doc="synthetic: image side in pixels")
     seed: int = option(0, doc="synthetic: generator seed")
+    fetch: FetchConfig = option(factory=FetchConfig, doc="manifest: how http(s) image URLs are fetched")
 
 
 @dataclass(frozen=True)
