@@ -1,4 +1,4 @@
-"""Ingest an image-tag dataset (VOC, COCO, OpenImages, a manifest, or synthetic) into WebDataset shards.
+"""Ingest an image-tag dataset (VOC, COCO, OpenImages, a manifest, WebDataset tars, or synthetic) into shards.
 
     python -m pipelines.ingest [--config FILE] key=value ...
     python -m pipelines.ingest source.format=voc source.path=/data/VOC2012 source.split=train \\
@@ -70,7 +70,7 @@ def run(cfg: IngestConfig) -> DatasetInfo:
     if cfg.shard_attempts < 1:
         raise ValueError(f"shard_attempts must be at least 1, got {cfg.shard_attempts}")
     storage.check_writable(output)
-    if cfg.source.path:
+    if cfg.source.path and "{" not in cfg.source.path:  # a brace pattern's tars are opened one by one
         storage.check_readable(cfg.source.path)
     source = build_source(cfg.source)
     work = ingest.plan(source, cfg.shard_size)

@@ -22,11 +22,13 @@ from system.data.fetch import FetchConfig
 class SourceConfig:
     """Where the input dataset lives and how to read it."""
 
-    format: Literal["voc", "coco", "openimages", "manifest", "synthetic"] = option(
-        "synthetic", doc="input layout: voc | coco | openimages | manifest | synthetic"
+    format: Literal["voc", "coco", "openimages", "manifest", "webdataset", "synthetic"] = option(
+        "synthetic", doc="input layout: voc | coco | openimages | manifest | webdataset | synthetic"
     )
     path: str = option(
-        "", doc="dataset root (voc, coco, openimages) or manifest file (.jsonl/.csv); local path or s3:// URI"
+        "",
+        doc="dataset root (voc, coco, openimages), manifest file (.jsonl/.csv) or webdataset tars (a .tar, "
+        "a {000..009} brace pattern or a folder); local path or s3:// URI",
     )
     split: str = option(
         "train", doc="split name: voc ImageSets list, coco instances_<split>.json, openimages <split> labels"
@@ -40,7 +42,9 @@ class SourceConfig:
     labels_file: str = option(
         "", doc="voc: the authors' cls_labels.npy; openimages: image-level labels CSV (default: found under path)"
     )
-    classes_file: str = option("", doc="openimages: class descriptions CSV (default: found under path)")
+    classes_file: str = option(
+        "", doc="openimages: class descriptions CSV (default: found under path); webdataset: class names, one a line"
+    )
     annotations: str = option("", doc="coco: instances JSON (default <path>/annotations/instances_<split>.json)")
     images: str = option("", doc="image folder (default: coco <path>/<split>, openimages <path>/<split>)")
     num_images: int = option(200, doc="synthetic: number of images")
@@ -90,13 +94,14 @@ def labels_from_mask(mask: np.ndarray, class_names: list[str]) -> tuple[str, ...
 
 
 def build_source(cfg: SourceConfig) -> Source:
-    from system.data.sources import coco, manifest, openimages, synthetic, voc
+    from system.data.sources import coco, manifest, openimages, synthetic, voc, webdataset
 
     builders = {
         "voc": voc.VocSource,
         "coco": coco.CocoSource,
         "openimages": openimages.OpenImagesSource,
         "manifest": manifest.ManifestSource,
+        "webdataset": webdataset.WebDatasetSource,
         "synthetic": synthetic.SyntheticSource,
     }
     if cfg.format != "synthetic" and not cfg.path:
