@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from system.data.convert import mask_upright
+from system.data.convert import gt_upright, mask_upright
 from system.data.sources import BadEntry, Entry, Loaded
 from system.data.transforms import decode_normalised, decode_rgb, to_rgb
 from system.data.validate import inspect_image, sample_members
@@ -113,6 +113,7 @@ def test_a_mask_already_in_the_upright_frame_is_left_as_it_is():
     upright_mask = np.ascontiguousarray(np.rot90(mask, -1))
     assert mask_upright(upright_mask, done) is upright_mask
     np.testing.assert_array_equal(mask_upright(mask, done), upright_mask)
+    np.testing.assert_array_equal(gt_upright(mask, data), upright_mask), "evaluation reads only the header"
 
 
 def test_the_labeller_and_ingest_see_the_same_pixels():

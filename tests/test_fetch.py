@@ -155,6 +155,11 @@ def test_5xx_and_429_are_retried_honouring_retry_after(server):
     assert error.code == "http_500" and "HTTP 500" in str(error) and _Handler.hits["/down.jpg"] == 2
 
 
+def test_a_closed_port_is_a_connection_failure_not_a_timeout():
+    error = _refused("http://127.0.0.1:1/x.jpg")
+    assert error.code == "connection_failed" and "after 2 tries" in str(error)
+
+
 def test_private_addresses_are_refused_without_the_opt_in(server):
     before = _Handler.hits["/img.jpg"]
     error = _refused(f"{server}/img.jpg", FetchConfig())

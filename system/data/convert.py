@@ -83,7 +83,7 @@ def _cmyk_to_rgb(image: Image.Image) -> tuple[Image.Image, str]:
 
 def _scaled(values: np.ndarray, low: float, high: float) -> Image.Image:
     span = high - low if high > low else 1.0
-    out = np.rint((values.astype(np.float64) - low) * (255.0 / span)).clip(0, 255)
+    out = np.rint((values.astype(np.float32) - np.float32(low)) * np.float32(255.0 / span)).clip(0, 255)
     return Image.fromarray(out.astype(np.uint8), "L")
 
 
@@ -133,3 +133,14 @@ def mask_upright(mask: np.ndarray, done: Normalised) -> np.ndarray:
     if done.orientation == 1 or mask.shape != (height, width):
         return mask
     return orient_mask(mask, done.orientation)
+
+
+def gt_upright(mask: np.ndarray, image: bytes) -> np.ndarray:
+    """``mask_upright`` for a mask beside an image file, reading only the image's header (evaluation
+    of a manifest, whose labels were written upright)."""
+    try:
+        opened = Image.open(io.BytesIO(image))
+    except (OSError, SyntaxError, ValueError):
+        return mask
+    with opened:
+        return mask_upright(mask, Normalised(opened, (), orientation(opened), opened.size))

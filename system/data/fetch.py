@@ -4,7 +4,7 @@ A URL list is how web-scale image sets are distributed, and its hosts fail in ev
 (404), slow, rate limiting (429 with Retry-After), redirecting in loops, or serving something huge.
 ``fetch`` turns each of those into a :class:`FetchError` whose ``code`` comes from a small fixed set
 (``http_404`` ... ``http_4xx``/``http_5xx`` for uncommon statuses, ``timeout``, ``too_large``,
-``too_many_redirects``, ``connection_failed``, ``dns_failed``, ``refused_scheme``,
+``too_many_redirects``, ``connection_failed``, ``dns_failed``, ``tls_failed``, ``refused_scheme``,
 ``refused_address``) and whose reason names the URL and the status, so the ingest reports it as a
 reject instead of failing. Connection errors, timeouts, 5xx and 429 are retried with exponential
 backoff (a 429's or 503's Retry-After is honoured, capped); other statuses are final.
@@ -188,8 +188,12 @@ def _once(url: str, cfg: FetchConfig) -> bytes:
                 response = _pool(scheme, parts.hostname, address, port, cfg).urlopen(
                     "GET", path, headers=headers, redirect=False, preload_content=False, assert_same_host=False
                 )
+            except urllib3.exceptions.NewConnectionError as exc:  # urllib3 files it under connect timeouts
+                raise _Retry("connection_failed", f"{url}: cannot connect ({exc})") from None
             except (TimeoutError, urllib3.exceptions.TimeoutError):
                 raise _Retry("timeout", f"{url}: no answer within {cfg.timeout_s:g} s") from None
+            except urllib3.exceptions.SSLError as exc:  # a certificate does not get better by asking again
+                raise FetchError("tls_failed", f"{url}: TLS failed ({exc})") from None
             except urllib3.exceptions.HTTPError as exc:
                 raise _Retry("connection_failed", f"{url}: connection failed ({type(exc).__name__}: {exc})") from None
             finished = False
