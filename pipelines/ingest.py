@@ -67,6 +67,8 @@ def run(cfg: IngestConfig) -> DatasetInfo:
     output = cfg.output.rstrip("/")
     if cfg.num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {cfg.num_workers}")
+    if cfg.load_threads < 1:
+        raise ValueError(f"load_threads must be at least 1, got {cfg.load_threads}")
     if cfg.shard_attempts < 1:
         raise ValueError(f"shard_attempts must be at least 1, got {cfg.shard_attempts}")
     storage.check_writable(output)
