@@ -35,7 +35,7 @@ from system.rejects import Reject
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_KEYS = ("labels", "classes", "tags", "label", "class", "cls")
-_READ = {"json", "cls", "txt"}  # small members read while listing; images and anything else are skipped
+_READ = {"json", "cls"}  # the small members read while listing; images and anything else are skipped
 
 
 def tar_uris(path: str) -> list[str]:
