@@ -23,6 +23,7 @@ import numpy as np
 from pipelines.entry import run_main
 from system import storage
 from system.config import option, parse_cli
+from system.data.convert import gt_upright
 from system.label.config import MaskFormat
 from system.label.inputs import ClassMismatch, Unit, plan_inputs, unit_samples
 from system.label.outputs import list_mask_keys
@@ -66,7 +67,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         for sample in unit_samples(unit, index):
             if sample.error or sample.gt is None:
                 continue
-            gt = decode_mask(sample.gt)
+            gt = gt_upright(decode_mask(sample.gt), sample.image) if sample.image else decode_mask(sample.gt)
             if sample.key in available:
                 pred = codec.decode(storage.get_bytes(storage.join(masks_root, sample.key + codec.suffix)))
                 if pred.shape != gt.shape:

@@ -1,4 +1,4 @@
-"""Ingest an image-tag dataset (VOC, COCO, OpenImages, a manifest, or synthetic) into WebDataset shards.
+"""Ingest an image-tag dataset (VOC, COCO, OpenImages, a manifest, WebDataset tars, or synthetic) into shards.
 
     python -m pipelines.ingest [--config FILE] key=value ...
     python -m pipelines.ingest source.format=voc source.path=/data/VOC2012 source.split=train \\
@@ -46,6 +46,9 @@ class IngestConfig:
         "ingest gives up on it and exits incomplete (status 3)",
     )
     max_pixels: int = option(50_000_000, doc="images with more pixels are rejected")
+    load_threads: int = option(
+        8, doc="inputs one shard task reads and checks at once (URL fetches, S3 reads), kept in order"
+    )
     verify: Verify = option(
         "structure",
         doc="structure: file structure without a decode (JPEG markers, tables, restart "
@@ -64,10 +67,12 @@ def run(cfg: IngestConfig) -> DatasetInfo:
     output = cfg.output.rstrip("/")
     if cfg.num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {cfg.num_workers}")
+    if cfg.load_threads < 1:
+        raise ValueError(f"load_threads must be at least 1, got {cfg.load_threads}")
     if cfg.shard_attempts < 1:
         raise ValueError(f"shard_attempts must be at least 1, got {cfg.shard_attempts}")
     storage.check_writable(output)
-    if cfg.source.path:
+    if cfg.source.path and "{" not in cfg.source.path:  # a brace pattern's tars are opened one by one
         storage.check_readable(cfg.source.path)
     source = build_source(cfg.source)
     work = ingest.plan(source, cfg.shard_size)
@@ -81,6 +86,7 @@ def run(cfg: IngestConfig) -> DatasetInfo:
             ingest.fingerprint(group, source.class_names, settings),
             cfg.max_pixels,
             cfg.verify,
+            cfg.load_threads,
         )
         for i, group in enumerate(work.groups)
     ]

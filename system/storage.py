@@ -376,6 +376,21 @@ def put_bytes(uri: str, data: bytes) -> None:
         raise _explain(uri, exc) from exc
 
 
+def get_range(uri: str, start: int, end: int) -> bytes:
+    """Bytes ``start`` up to ``end`` of an object (one sample of a large tar, without the rest)."""
+    if not is_s3(uri):
+        with open(_local(uri), "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+    bucket, key = _split_s3(uri)
+    try:
+        return _client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")["Body"].read()
+    except botocore.exceptions.ClientError as exc:
+        if _is_not_found(exc):
+            raise FileNotFoundError(uri) from None
+        raise _explain(uri, exc) from exc
+
+
 def exists(uri: str) -> bool:
     if not is_s3(uri):
         return _local(uri).exists()

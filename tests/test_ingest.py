@@ -173,11 +173,11 @@ def test_bad_inputs_are_rejected_with_reasons_and_counts_add_up(tmp_path, s3_roo
         ("trunc", "trunc.jpg", ["a"], None, "corrupt"),
         ("garbage", "garbage.jpg", ["a"], None, "unreadable"),
         ("text", "notes.txt", ["a"], None, "unreadable"),
-        ("cmyk", "cmyk.jpg", ["a"], None, "cmyk"),
+        ("cmyk", "cmyk.jpg", ["a"], None, None),
         ("grey", "grey.jpg", ["a"], None, None),
         ("alpha", "alpha.png", ["b"], None, None),
         ("bmp", "old.bmp", ["b"], None, None),
-        ("deep", "deep.png", ["a"], None, "unsupported_mode"),
+        ("deep", "deep.png", ["a"], None, None),
         ("huge", "huge.png", ["a"], None, "too_large"),
         ("unknown", "good.jpg", ["a", "zebra"], None, "unknown_class"),
         ("nolabel", "good.jpg", [], None, "no_labels"),
@@ -200,7 +200,7 @@ def test_bad_inputs_are_rejected_with_reasons_and_counts_add_up(tmp_path, s3_roo
     def counted(code: str) -> float:
         return REGISTRY.get_sample_value("clustercam_ingest_rejects_total", {"run": run_name, "code": code}) or 0
 
-    before = {reason: counted(reason) for reason in ("cmyk", "unsafe_id", "malformed")}
+    before = {reason: counted(reason) for reason in ("too_large", "unsafe_id", "malformed")}
     info = run(
         IngestConfig(
             output=s3_root,
@@ -224,7 +224,10 @@ def test_bad_inputs_are_rejected_with_reasons_and_counts_add_up(tmp_path, s3_roo
     assert samples[escape_id("grey")]["jpg"] == files["grey.jpg"], "greyscale kept byte for byte"
     assert "png" in samples[escape_id("bmp")] and "bmp" not in samples[escape_id("bmp")]
     assert json.loads(samples[escape_id("ünï")]["json"])["id"] == "ünï"
-    assert {r: counted(r) - before[r] for r in before} == {"cmyk": 1, "unsafe_id": 2, "malformed": 1}
+    assert json.loads(samples[escape_id("cmyk")]["json"])["converted"] == ["cmyk->rgb"]
+    assert json.loads(samples[escape_id("deep")]["json"])["converted"] == ["i16->l"]
+    assert "converted" not in json.loads(samples[escape_id("grey")]["json"])
+    assert {r: counted(r) - before[r] for r in before} == {"too_large": 1, "unsafe_id": 2, "malformed": 1}
     progress = [
         REGISTRY.get_sample_value(name, {"run": run_name})
         for name in ("clustercam_ingest_done_inputs_total", "clustercam_ingest_inputs")

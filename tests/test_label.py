@@ -33,7 +33,7 @@ from system.label.outputs import (
     mask_stats,
     sparse_confusion,
 )
-from system.label.previews import contact_sheet, overlay
+from system.label.previews import contact_sheet, overlay, png_bytes
 from system.masks import decode_mask, encode_mask, mask_codec
 from system.metrics import ConfusionMatrix
 from system.model import build_clustercam, export_model
@@ -347,12 +347,55 @@ def test_previews_are_images_with_a_legend():
     mask = np.zeros((60, 80), np.uint8)
     mask[10:40, 10:50] = 2
     mask[45:, :] = 255
-    image = overlay(np.full((60, 80, 3), 120, np.uint8), mask, NAMES, title="k")
+    image = overlay(np.full((60, 80, 3), 120, np.uint8), mask, NAMES, title="k", min_side=0)
     assert image.size[0] == 2 * 80 + 4 and image.size[1] > 60
     pixels = np.asarray(image)
     assert (pixels == (0, 128, 0)).all(axis=-1).any()  # the legend swatch of class index 2 (PASCAL green)
-    sheet = contact_sheet([image] * 5, columns=4, tile=100)
-    assert sheet.size[0] == 400 and 2 * 100 * image.size[1] / image.size[0] < sheet.size[1] < 2 * image.size[1]
+
+
+def test_small_images_are_scaled_up_with_the_mask_kept_sharp():
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 1
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    image = overlay(pixels, mask, NAMES, min_side=128)
+    assert image.size[0] == 2 * 128 + 4
+    blended = np.asarray(image)[:128, 128 + 4 :].astype(int)
+    assert len({tuple(c) for c in blended.reshape(-1, 3)}) == 2, "nearest-neighbour: two colours, no blend at the edge"
+    assert (blended[:, 63] == 0).all() and (blended[:, 64] > 0).any()
+
+
+def test_the_contact_sheet_packs_tiles_in_rows_without_gaps():
+    sizes = [(100, 100), (200, 100), (100, 200), (100, 100), (125, 100), (60, 60), (100, 100)]  # (width, height)
+    tiles = [Image.new("RGB", size, (40 * i, 90, 200 - 20 * i)) for i, size in enumerate(sizes)]
+    sheet = contact_sheet(tiles, columns=3, gap=4)
+    assert sheet.width == 3 * 100 + 4 * 4, "three median-wide tiles and their gaps"
+    white = (np.asarray(sheet) == 255).all(axis=-1)
+    rows = ~white[:, 4:-4].all(axis=1)
+    edges = np.flatnonzero(np.diff(np.r_[0, rows.astype(int), 0]))
+    bands = list(zip(edges[::2], edges[1::2]))
+    assert len(bands) == 3 and all(b[0] - a[1] == 4 for a, b in zip(bands, bands[1:])), "rows apart by the gap only"
+    for top, bottom in bands[:2]:  # a full row is filled from edge to edge but for the gaps between tiles
+        filled = ~white[top:bottom].all(axis=0)
+        assert filled[4:-4].sum() == sheet.width - 8 - 2 * 4 and not filled[:4].any() and not filled[-4:].any()
+    assert sheet.height == bands[-1][1] + 4
+
+
+def test_a_contact_sheet_of_previews_is_a_png_with_every_tile_drawn():
+    rng = np.random.default_rng(0)
+    tiles = []
+    for i in range(5):
+        mask = np.zeros((64, 64), np.uint8)
+        mask[8 * i : 8 * i + 30, 10:50] = 1 + i % 3
+        tiles.append(overlay(rng.integers(0, 255, (64, 64, 3)).astype(np.uint8), mask, NAMES, title=f"t{i}"))
+    assert tiles[0].size[0] == 2 * 256 + 4, "64-pixel images are drawn at 256"
+    sheet = Image.open(io.BytesIO(png_bytes(contact_sheet(tiles, columns=4, gap=4))))
+    assert sheet.format == "PNG" and sheet.size == (4 * tiles[0].width + 5 * 4, 2 * tiles[0].height + 3 * 4)
+    pixels = np.asarray(sheet.convert("RGB"))
+    w, h = tiles[0].size
+    for i in range(5):
+        x, y = 4 + (i % 4) * (w + 4), 4 + (i // 4) * (h + 4)
+        cell = pixels[y : y + 256, x : x + w]
+        assert cell.std() > 20, f"tile {i} is drawn"
 
 
 # ---- inputs ------------------------------------------------------------------------------------

@@ -107,7 +107,8 @@ def test_intact_pngs_of_every_kind_pass_both_modes_and_decode_to_their_pixels(ki
     data = _png(samples, depth, colour, interlaced)
     assert check_png(data).describe() == _described(*KINDS[kind])
     for verify in ("structure", "decode"):
-        assert inspect_image(data, 10**6, verify) == ("png", data, width, height)
+        got = inspect_image(data, 10**6, verify)
+        assert (got.ext, got.data, got.width, got.height, got.converted) == ("png", data, width, height, ())
     decoded = np.asarray(Image.open(io.BytesIO(data))).astype(np.int64)  # a 1-bit image decodes to booleans
     np.testing.assert_array_equal(decoded, _expected(samples, depth, colour))
 

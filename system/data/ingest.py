@@ -6,7 +6,8 @@ group's *fingerprint* (format version, source settings, classes, its entries) go
 record ``_parts/shard-%06d.json`` written right after the shard; a re-run skips a shard whose record
 exists with the same fingerprint, so a killed or repeated ingest redoes only what is missing, and
 changed inputs or settings are never mistaken for done work. Image checks run inside the shard's
-task, so a shard holds at most ``shard_size`` samples (fewer when some are rejected).
+task, so a shard holds at most ``shard_size`` samples (fewer when some are rejected); a task reads
+``load_threads`` inputs at once (URL fetches and S3 reads overlap), in order, a bounded window ahead.
 ``finalize`` writes ``rejects.jsonl`` and then ``dataset.json`` - the file that makes the dataset
 exist - only if their content changed.
 """
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -98,6 +100,7 @@ class ShardTask:
     fingerprint: str
     max_pixels: int = 50_000_000
     verify: Verify = "structure"
+    load_threads: int = 8
 
 
 def _part_uri(output: str, index: int) -> str:
@@ -122,22 +125,40 @@ def _load_sample(source: Source, entry: Entry, class_index: dict[str, int], task
         raise BadEntry("unreadable", f"unreadable input ({type(exc).__name__}: {exc})") from None
 
 
+def _ordered(pool: ThreadPoolExecutor, fn, items, window: int):
+    """``fn`` over ``items`` in ``pool``, results in order, at most ``window`` ahead: URL fetches and
+    storage reads overlap while a shard holds only a window of images in memory."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= max(1, window):
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def write_shard(source: Source, task: ShardTask) -> dict:
     """Write shard ``task.index`` and then its record; returns the record (counts, sha256, rejects)."""
     class_index = {name: i for i, name in enumerate(task.class_names)}
     rejects: list[dict] = []
     counts = {"samples": 0, "masks": 0}
 
+    def load(entry: Entry):
+        try:
+            return _load_sample(source, entry, class_index, task)
+        except BadEntry as exc:
+            return exc
+
     def samples():
-        for entry in task.entries:
-            try:
-                members, has_mask = _load_sample(source, entry, class_index, task)
-            except BadEntry as exc:
-                rejects.append(Reject(entry.id, entry.image, exc.code, str(exc), escape_id(entry.id)).line())
-                continue
-            counts["samples"] += 1
-            counts["masks"] += int(has_mask)
-            yield escape_id(entry.id), members
+        with ThreadPoolExecutor(max(1, task.load_threads), thread_name_prefix="ingest-load") as pool:
+            for entry, loaded in zip(task.entries, _ordered(pool, load, task.entries, 2 * task.load_threads)):
+                if isinstance(loaded, BadEntry):
+                    rejects.append(Reject(entry.id, entry.image, loaded.code, str(loaded), escape_id(entry.id)).line())
+                    continue
+                members, has_mask = loaded
+                counts["samples"] += 1
+                counts["masks"] += int(has_mask)
+                yield escape_id(entry.id), members
 
     name = shard_name(task.index)
     with storage.open_write(storage.join(task.output, name)) as f:

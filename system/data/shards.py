@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import re
 import tarfile
@@ -174,15 +175,28 @@ def _read_exactly(f: BinaryIO, size: int, what: str) -> bytes:
     return data
 
 
-def read_tar(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """The regular files of a tar stream, in order.
+def _skip(f: BinaryIO, size: int) -> None:
+    if f.seekable():
+        f.seek(size, io.SEEK_CUR)
+        return
+    while size > 0:
+        chunk = f.read(min(size, 1 << 20))
+        if not chunk:
+            raise tarfile.ReadError(f"unexpected end of data in a member ({size} bytes missing)")
+        size -= len(chunk)
 
-    The reading half of :class:`_TarWriter`: tarfile (and WebDataset's iterator over it) costs more
-    CPU per member than decoding a small JPEG, the training stream's real work. Reads ustar headers
-    with pax ``path`` records and GNU long names, so it also reads tars other tools wrote; checksums
-    are checked, and a stream cut short raises ``tarfile.ReadError``.
+
+def walk_tar(f: BinaryIO, want=None) -> Iterator[tuple[str, int, int, bytes | None]]:
+    """(name, start, end, data) of the regular files of a tar stream, in order: ``start`` is where the
+    member's first header (a pax or GNU long-name one included) begins, ``end`` where its padding ends,
+    so ``[start, end)`` of consecutive members is itself a tar. ``data`` is None for a member that
+    ``want(name)`` declines: it is skipped (seeked past where the stream can seek), never read whole.
+
+    Reads ustar headers with pax ``path`` records and GNU long names, so it reads tars other tools
+    wrote; checksums are checked, and a stream cut short raises ``tarfile.ReadError``.
     """
     long_name: bytes | None = None
+    offset = start = 0
     while True:
         header = f.read(_BLOCK)
         if not header or header == bytes(_BLOCK):
@@ -193,23 +207,43 @@ def read_tar(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if stored != sum(header) - sum(header[148:156]) + 8 * 32:
             raise tarfile.ReadError("bad tar header checksum")
         size, typeflag = _number(header[124:136]), header[156:157]
-        data = _read_exactly(f, size, "a member")
-        _read_exactly(f, -size % _BLOCK, "padding")
-        if typeflag == b"x":
-            long_name = _pax_records(data).get(b"path", long_name)
-        elif typeflag == b"L":
-            long_name = data.rstrip(b"\0")
-        elif typeflag in (b"0", b"\0", b"7"):
+        end = offset + _BLOCK + size + (-size % _BLOCK)
+        if typeflag in (b"0", b"\0", b"7"):
             name = long_name
             if name is None:
                 name = header[:100].split(b"\0", 1)[0]
                 prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
                 if prefix:
                     name = prefix + b"/" + name
-            long_name = None
-            yield name.decode("utf-8", "surrogateescape"), data
+            text = name.decode("utf-8", "surrogateescape")
+            if want is None or want(text):
+                data = _read_exactly(f, size, "a member")
+                _read_exactly(f, -size % _BLOCK, "padding")
+            else:
+                data = None
+                _skip(f, size + (-size % _BLOCK))
+            yield text, start, end, data
+            long_name, start = None, end
         else:
-            long_name = None
+            data = _read_exactly(f, size, "a member")
+            _read_exactly(f, -size % _BLOCK, "padding")
+            if typeflag == b"x":
+                long_name = _pax_records(data).get(b"path", long_name)
+            elif typeflag == b"L":
+                long_name = data.rstrip(b"\0")
+            else:
+                long_name, start = None, end
+        offset = end
+
+
+def read_tar(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """The regular files of a tar stream, in order.
+
+    The reading half of :class:`_TarWriter`: tarfile (and WebDataset's iterator over it) costs more
+    CPU per member than decoding a small JPEG, the training stream's real work (``walk_tar``).
+    """
+    for name, _, _, data in walk_tar(f):
+        yield name, data
 
 
 def group_samples(files: Iterable[tuple[str, bytes]]) -> Iterator[dict]:

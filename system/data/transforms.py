@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from system.data.convert import Normalised, needs_work, normalise
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN_GREY = tuple(round(255 * m) for m in IMAGENET_MEAN)
@@ -44,18 +46,32 @@ _MEAN_GREY = tuple(round(255 * m) for m in IMAGENET_MEAN)
 Augment = Literal["paper", "light", "none"]
 
 
-def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
+def decode_normalised(data: bytes, draft_size: int | None = None, upright: bool = False) -> Normalised:
+    """The decoded image in a mode ``to_rgb`` shows correctly (``system.data.convert``), turned by its
+    EXIF orientation when ``upright``. Shards hold upright images already, so the training stream
+    leaves orientation alone; the labeller reads a manifest's files as they are and turns them."""
     image = Image.open(io.BytesIO(data))
     if draft_size and image.format == "JPEG":
         image.draft("RGB", (draft_size, draft_size))
+    if needs_work(image, upright):
+        return normalise(image, upright)
+    image.load()
+    return Normalised(image, (), 1, image.size)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB pixels of a kept-mode image; transparency is composed over the ImageNet mean grey."""
     if image.mode == "RGB":
-        image.load()
         return image
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _MEAN_GREY + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
+    return to_rgb(decode_normalised(data, draft_size).image)
 
 
 def rgbx_pixels(image: Image.Image) -> torch.Tensor:

@@ -1,10 +1,14 @@
 """Turn one loaded input into the members of a shard sample, or refuse it with a reason.
 
 The checks are what training and labelling would otherwise trip on hours later: empty, truncated or
-unrecognised files, CMYK or 16-bit images, decompression bombs, unknown or missing labels, masks
-that do not match the image. Greyscale, palette and alpha images are kept byte-for-byte (the stream
-converts them to RGB when it decodes), and formats other than JPEG/PNG/WebP are re-encoded
-losslessly as PNG so every shard holds only formats every reader decodes.
+unrecognised files, decompression bombs, unknown or missing labels, masks that do not match the
+image. Greyscale, palette and alpha images are kept byte-for-byte (the stream converts them to RGB
+when it decodes), and formats other than JPEG/PNG/WebP are re-encoded losslessly as PNG so every
+shard holds only formats every reader decodes. CMYK (and YCCK) JPEGs, 16-bit, integer and float
+images, and images with an EXIF orientation are converted (``system.data.convert``, the helper the
+labeller uses on a manifest's images too) and stored re-encoded, a JPEG as a JPEG (quality 95) and
+anything else as a PNG; the sample's json lists the steps (``converted``), and a mask in the stored
+pixels' frame is turned with the image.
 
 Two levels of checking (``verify``). ``structure`` (the default) checks each file's structure
 without decoding pixels: a JPEG's every marker segment, table and scan through EOI with libjpeg's
@@ -28,18 +32,22 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from system.data.convert import CONVERTED_MODES, KEPT_MODES, Normalised, mask_upright, needs_work, normalise
 from system.data.jpeg import check_jpeg
 from system.data.png import check_png
 from system.data.sources import BadEntry, Entry, Loaded
 from system.masks import encode_mask
 
 _KEEP = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "La", "RGBa"}
+_MODES = KEPT_MODES | CONVERTED_MODES
+_EXIF = b"Exif\x00\x00"
+JPEG_QUALITY = 95
 Verify = Literal["structure", "decode"]
 
 
@@ -51,8 +59,6 @@ def _check_size_and_mode(width: int, height: int, mode: str, max_pixels: int) ->
         raise BadEntry("too_large", f"image too large ({width}x{height} > {max_pixels} pixels)")
     if width < 1 or height < 1:
         raise BadEntry("corrupt", f"image has no pixels ({width}x{height})")
-    if mode == "CMYK":
-        raise BadEntry("cmyk", "CMYK image (colours are unreliable without colour management)")
     if mode not in _MODES:
         raise BadEntry("unsupported_mode", f"unsupported image mode {mode}")
 
@@ -61,8 +67,24 @@ def _corrupt(kind: str, exc: Exception) -> BadEntry:
     return BadEntry("corrupt", f"corrupt or truncated image ({kind}: {exc})")
 
 
-def _inspect_jpeg(data: bytes, max_pixels: int) -> tuple[int, int]:
-    """The structure walk reads the frame header too: no second parser (PIL's) needed."""
+@dataclass(frozen=True)
+class Inspected:
+    """An acceptable image as the shard stores it."""
+
+    ext: str
+    data: bytes
+    width: int  # upright, as stored in the shard
+    height: int
+    done: Normalised | None = None  # the conversion, when the stored bytes are not the input's
+
+    @property
+    def converted(self) -> tuple[str, ...]:
+        return self.done.converted if self.done else ()
+
+
+def _inspect_jpeg(data: bytes, max_pixels: int) -> tuple[int, int, int]:
+    """(width, height, components): the structure walk reads the frame header too, so a plain JPEG
+    needs no second parser (PIL's)."""
     try:
         frame = check_jpeg(data)
     except ValueError as exc:
@@ -71,7 +93,7 @@ def _inspect_jpeg(data: bytes, max_pixels: int) -> tuple[int, int]:
     _check_size_and_mode(
         frame.width, frame.height, mode if frame.precision == 8 else f"{frame.precision}-bit {mode}", max_pixels
     )
-    return frame.width, frame.height
+    return frame.width, frame.height, frame.components
 
 
 def _open(data: bytes) -> Image.Image:
@@ -97,18 +119,37 @@ def _decode(image: Image.Image) -> None:
         raise _corrupt(f"{(image.format or 'image').lower()} decode", exc) from None
 
 
-def inspect_image(data: bytes, max_pixels: int, verify: Verify = "structure") -> tuple[str, bytes, int, int]:
-    """(extension, bytes to store, width, height) of an acceptable image. ``decode`` runs every
-    ``structure`` check before it decodes, so it refuses whatever ``structure`` refuses."""
+def _converted(image: Image.Image, fmt: str) -> Inspected:
+    """Decode (refusing a short file as ``_decode`` does), convert, and re-encode as ``fmt``."""
+    _decode(image)
+    icc = image.info.get("icc_profile") if image.mode in KEPT_MODES else None  # CMYK's profile was applied
+    done = normalise(image)
+    out = io.BytesIO()
+    if fmt == "JPEG":
+        done.image.save(out, format="JPEG", quality=JPEG_QUALITY, icc_profile=icc)
+        ext = "jpg"
+    else:
+        done.image.save(out, format="PNG", icc_profile=icc)
+        ext = "png"
+    return Inspected(ext, out.getvalue(), done.image.width, done.image.height, done)
+
+
+def inspect_image(data: bytes, max_pixels: int, verify: Verify = "structure") -> Inspected:
+    """An acceptable image as the shard stores it. ``decode`` runs every ``structure`` check before it
+    decodes, so it refuses whatever ``structure`` refuses; a converted image is always decoded."""
     if not data:
         raise BadEntry("empty", "empty file (0 bytes)")
     if data[:2] == b"\xff\xd8":
-        width, height = _inspect_jpeg(data, max_pixels)
+        width, height, components = _inspect_jpeg(data, max_pixels)
+        if components == 4 or data.find(_EXIF, 0, 1 << 17) >= 0:  # only then is PIL's header parse needed
+            image = _open(data)
+            if needs_work(image):
+                return _converted(image, "JPEG")
         if verify == "decode":
             image = _open(data)
             image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
             _decode(image)
-        return "jpg", data, width, height
+        return Inspected("jpg", data, width, height)
     image = _open(data)
     width, height = image.size
     _check_size_and_mode(width, height, image.mode, max_pixels)
@@ -118,30 +159,37 @@ def inspect_image(data: bytes, max_pixels: int, verify: Verify = "structure") ->
             check_png(data)
         except ValueError as exc:
             raise _corrupt("png", exc) from None
+    if needs_work(image):
+        return _converted(image, "PNG")
     if fmt != "PNG" or verify == "decode":  # other formats have no structure check but a decode
         _decode(image)
     if fmt in _KEEP:
-        return _KEEP[fmt], data, width, height
+        return Inspected(_KEEP[fmt], data, width, height)
     out = io.BytesIO()
     image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB").save(out, format="PNG")
-    return "png", out.getvalue(), width, height
+    return Inspected("png", out.getvalue(), width, height)
 
 
 def sample_members(
     entry: Entry, loaded: Loaded, class_index: dict[str, int], max_pixels: int, verify: Verify = "structure"
 ) -> tuple[list[tuple[str, bytes]], bool]:
     """The tar members (extension, bytes) of one accepted sample, in a fixed order."""
-    ext, image, width, height = inspect_image(loaded.image, max_pixels, verify)
+    inspected = inspect_image(loaded.image, max_pixels, verify)
+    width, height = inspected.width, inspected.height
     unknown = [name for name in loaded.labels if name not in class_index]
     if unknown:
         raise BadEntry("unknown_class", f"unknown class name(s): {', '.join(map(repr, unknown))}")
     labels = sorted({class_index[name] for name in loaded.labels})
     if not labels:
         raise BadEntry("no_labels", "no labels")
-    members = [(ext, image)]
+    members = [(inspected.ext, inspected.data)]
     meta = {"id": entry.id, "labels": labels, "width": width, "height": height, "source": entry.image}
+    if inspected.converted:
+        meta["converted"] = list(inspected.converted)
     members.append(("json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")))
     mask = loaded.mask
+    if mask is not None and inspected.done:
+        mask = mask_upright(mask, inspected.done)
     if mask is not None:
         if mask.shape != (height, width):
             raise BadEntry(

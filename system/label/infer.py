@@ -26,7 +26,8 @@ from PIL import Image
 
 from system import hardware
 from system.cam import CAM_LAYERS, CAM_P2P_REFINE, multi_scale_cam, predict_probs
-from system.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_rgb
+from system.data.convert import mask_upright
+from system.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_normalised, to_rgb
 from system.label.config import LabelConfig
 from system.label.inputs import Sample
 from system.masks import decode_mask
@@ -151,7 +152,8 @@ class Labeller:
         if sample.error:
             return sample.error
         try:
-            image = decode_rgb(sample.image)
+            done = decode_normalised(sample.image, upright=True)  # a manifest's files are read as they are
+            image = to_rgb(done.image)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             return sample.reject("corrupt", f"unreadable image ({type(exc).__name__}: {exc})")
         pixels = np.asarray(image, dtype=np.uint8)
@@ -161,7 +163,7 @@ class Labeller:
         gt = None
         if sample.gt is not None:
             try:
-                gt = decode_mask(sample.gt)
+                gt = mask_upright(decode_mask(sample.gt), done)
             except (OSError, ValueError) as exc:
                 return sample.reject("mask_corrupt", f"unreadable GT mask ({exc})")
             if gt.shape != (H, W):

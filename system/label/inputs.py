@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 
 from system import storage
+from system.data.fetch import FetchConfig, FetchError, fetch, is_url
 from system.data.shards import DATASET_FILE, DatasetInfo, UnsafeId, check_id, escape_id, read_dataset, shard_uris
 from system.data.sources import Entry, SourceConfig
 from system.data.sources.manifest import ManifestSource
@@ -151,6 +152,11 @@ def _shard_sample(raw: dict, uri: str, class_index: dict[str, int]) -> Sample:
 def _read_member(uri: str, what: str) -> tuple[bytes | None, str, str]:
     """(bytes, "", "") or (None, code, reason). A transient storage fault is raised, not returned: it is
     not a property of the input, and the unit is retried."""
+    if is_url(uri):  # a manifest of URLs, fetched as ingest fetches them (public addresses only)
+        try:
+            return fetch(uri, FetchConfig()), "", ""
+        except FetchError as exc:
+            return None, exc.code, f"cannot read {what} ({exc})"
     try:
         return storage.get_bytes(uri), "", ""
     except (FileNotFoundError, OSError, storage.StorageError) as exc:

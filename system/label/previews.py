@@ -1,4 +1,11 @@
-"""Overlay previews and a contact sheet: people check masks by eye before they trust a million."""
+"""Overlay previews and a contact sheet: people check masks by eye before they trust a million.
+
+A preview is only useful when the mask can be seen: small images (the demo's are 64 pixels) are
+scaled up to ``min_side`` (the image smoothly, the mask with nearest-neighbour sampling so its
+edges stay the model's), and every tile carries its own legend (class colour, name, share of
+pixels). The contact sheet packs tiles in justified rows - each row's tiles scaled to one height
+that fills the sheet's width - so the page holds tiles, not white space.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +26,20 @@ def _names(class_names: list[str]) -> dict[int, str]:
 
 
 def overlay(
-    pixels: np.ndarray, mask: np.ndarray, class_names: list[str], title: str = "", max_side: int = 384
+    pixels: np.ndarray,
+    mask: np.ndarray,
+    class_names: list[str],
+    title: str = "",
+    max_side: int = 384,
+    min_side: int = 256,
 ) -> Image.Image:
-    """The image beside the image blended with the mask's PASCAL colours, a legend of the classes below."""
+    """The image beside the image blended with the mask's PASCAL colours, a legend of the classes below;
+    the longer side scaled into ``min_side``..``max_side``."""
     H, W = mask.shape
-    scale = min(1.0, max_side / max(H, W))
+    longest = max(H, W)
+    scale = max_side / longest if longest > max_side else max(1.0, min(min_side, max_side) / longest)
     size = (max(1, round(W * scale)), max(1, round(H * scale)))
-    image = Image.fromarray(pixels).convert("RGB").resize(size, Image.BILINEAR)
+    image = Image.fromarray(pixels).convert("RGB").resize(size, Image.BICUBIC if scale > 1 else Image.BILINEAR)
     small = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
     palette = np.array(pascal_palette(), dtype=np.float32).reshape(256, 3)
     base = np.asarray(image, dtype=np.float32)
@@ -54,24 +68,36 @@ def overlay(
     return canvas
 
 
-def contact_sheet(tiles: list[Image.Image], columns: int = 4, tile: int = 320) -> Image.Image:
-    """Tiles shrunk to ``tile`` pixels wide, in a grid whose rows are as tall as their tallest tile."""
+def contact_sheet(tiles: list[Image.Image], columns: int = 4, gap: int = 8) -> Image.Image:
+    """``columns`` tiles a row, each row scaled to the one height that makes it fill the sheet's width
+    (``columns`` median-wide tiles), so rows have no gaps; the last row keeps the median height."""
     if not tiles:
         raise ValueError("a contact sheet needs at least one tile")
-    thumbs = []
-    for image in tiles:
-        thumb = image.copy()
-        thumb.thumbnail((tile - 4, 4 * tile), Image.BILINEAR)
-        thumbs.append(thumb)
-    columns = min(columns, len(thumbs))
-    rows = [thumbs[i : i + columns] for i in range(0, len(thumbs), columns)]
-    heights = [max(t.size[1] for t in row) + 4 for row in rows]
-    sheet = Image.new("RGB", (columns * tile, sum(heights)), (255, 255, 255))
-    y = 0
-    for row, height in zip(rows, heights):
-        for i, thumb in enumerate(row):
-            sheet.paste(thumb, (i * tile + 2, y + 2))
-        y += height
+    columns = max(1, min(columns, len(tiles)))
+    widths, heights = sorted(t.width for t in tiles), sorted(t.height for t in tiles)
+    inner = columns * widths[len(widths) // 2]
+    typical = heights[len(heights) // 2]
+    right = gap + inner + (columns - 1) * gap
+    placed: list[tuple[Image.Image, int, int]] = []
+    y = gap
+    for start in range(0, len(tiles), columns):
+        row = tiles[start : start + columns]
+        height = max(1, round(inner / sum(t.width / t.height for t in row)))
+        if len(row) < columns:
+            height = min(height, typical)
+        x = gap
+        for i, tile in enumerate(row):
+            width = max(1, round(tile.width * height / tile.height))
+            if len(row) == columns and i == columns - 1:  # rounding must not leave a ragged right edge
+                width = max(1, right - x)
+            if (width, height) != tile.size:
+                tile = tile.resize((width, height), Image.LANCZOS if height < tile.height else Image.BICUBIC)
+            placed.append((tile, x, y))
+            x += width + gap
+        y += height + gap
+    sheet = Image.new("RGB", (right + gap, y), (255, 255, 255))
+    for tile, x, top in placed:
+        sheet.paste(tile.convert("RGB"), (x, top))
     return sheet
 
 

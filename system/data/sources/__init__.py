@@ -15,17 +15,20 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from system.config import option
+from system.data.fetch import FetchConfig
 
 
 @dataclass
 class SourceConfig:
     """Where the input dataset lives and how to read it."""
 
-    format: Literal["voc", "coco", "openimages", "manifest", "synthetic"] = option(
-        "synthetic", doc="input layout: voc | coco | openimages | manifest | synthetic"
+    format: Literal["voc", "coco", "openimages", "manifest", "webdataset", "synthetic"] = option(
+        "synthetic", doc="input layout: voc | coco | openimages | manifest | webdataset | synthetic"
     )
     path: str = option(
-        "", doc="dataset root (voc, coco, openimages) or manifest file (.jsonl/.csv); local path or s3:// URI"
+        "",
+        doc="dataset root (voc, coco, openimages), manifest file (.jsonl/.csv) or webdataset tars (a .tar, "
+        "a {000..009} brace pattern or a folder); local path or s3:// URI",
     )
     split: str = option(
         "train", doc="split name: voc ImageSets list, coco instances_<split>.json, openimages <split> labels"
@@ -39,13 +42,16 @@ class SourceConfig:
     labels_file: str = option(
         "", doc="voc: the authors' cls_labels.npy; openimages: image-level labels CSV (default: found under path)"
     )
-    classes_file: str = option("", doc="openimages: class descriptions CSV (default: found under path)")
+    classes_file: str = option(
+        "", doc="openimages: class descriptions CSV (default: found under path); webdataset: class names, one a line"
+    )
     annotations: str = option("", doc="coco: instances JSON (default <path>/annotations/instances_<split>.json)")
     images: str = option("", doc="image folder (default: coco <path>/<split>, openimages <path>/<split>)")
     num_images: int = option(200, doc="synthetic: number of images")
     num_classes: int = option(6, doc="synthetic: number of classes (at most 24)")
     image_size: int = option(96, doc="synthetic: image side in pixels")
     seed: int = option(0, doc="synthetic: generator seed")
+    fetch: FetchConfig = option(factory=FetchConfig, doc="manifest: how http(s) image URLs are fetched")
 
 
 @dataclass(frozen=True)
@@ -88,13 +94,14 @@ def labels_from_mask(mask: np.ndarray, class_names: list[str]) -> tuple[str, ...
 
 
 def build_source(cfg: SourceConfig) -> Source:
-    from system.data.sources import coco, manifest, openimages, synthetic, voc
+    from system.data.sources import coco, manifest, openimages, synthetic, voc, webdataset
 
     builders = {
         "voc": voc.VocSource,
         "coco": coco.CocoSource,
         "openimages": openimages.OpenImagesSource,
         "manifest": manifest.ManifestSource,
+        "webdataset": webdataset.WebDatasetSource,
         "synthetic": synthetic.SyntheticSource,
     }
     if cfg.format != "synthetic" and not cfg.path:

@@ -2,9 +2,13 @@
 
 JSON lines: ``{"id": ..., "image": path-or-URI, "labels": [names], "mask": optional path-or-URI}``.
 CSV: a header with ``id,image,labels`` (and optionally ``mask``), label names separated by ``|``.
-Relative paths are relative to the manifest's folder. Classes are ``source.classes`` when given
-(then any other name is an unknown class), otherwise every name seen, sorted. A line that cannot be
-parsed is a reject naming the file and line, not a failed ingest.
+Relative paths are relative to the manifest's folder. An ``image`` or ``mask`` that is an http(s)
+URL is fetched by the ingest task that loads it (``system.data.fetch``: retries, a per-host limit,
+size and redirect bounds, private addresses refused unless ``source.fetch.allow_private``); a URL
+that gives no image is a reject whose code says why (``http_404``, ``timeout``, ``too_large`` ...).
+Classes are ``source.classes`` when given (then any other name is an unknown class), otherwise
+every name seen, sorted. A line that cannot be parsed is a reject naming the file and line, not a
+failed ingest.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 from pathlib import PurePosixPath
 
 from system import storage
+from system.data.fetch import FetchError, fetch, is_url
 from system.data.sources import BadEntry, Entry, Loaded, SourceConfig
 from system.masks import decode_mask
 from system.rejects import Reject
@@ -33,7 +38,9 @@ class ManifestSource:
         self.class_names = list(cfg.classes) if cfg.classes else seen
 
     def _resolve(self, location: str) -> str:
-        if storage.is_s3(location) or location.startswith("file://") or PurePosixPath(location).is_absolute():
+        if is_url(location) or storage.is_s3(location) or location.startswith("file://"):
+            return location
+        if PurePosixPath(location).is_absolute():
             return location
         return storage.join(self.base, location)
 
@@ -83,12 +90,22 @@ class ManifestSource:
     def entries(self):
         yield from self.__dict__.pop("_pending", None) or self._parse()
 
+    def _read(self, location: str) -> bytes:
+        if not is_url(location):
+            return storage.get_bytes(location)
+        try:
+            return fetch(location, self.cfg.fetch)
+        except FetchError as exc:
+            raise BadEntry(exc.code, str(exc)) from None
+
     def load(self, entry: Entry) -> Loaded:
-        image = storage.get_bytes(entry.image)
+        image = self._read(entry.image)
         mask = None
         if entry.extra["mask"] and self.cfg.masks:
             try:
-                mask = decode_mask(storage.get_bytes(entry.extra["mask"]))
+                mask = decode_mask(self._read(entry.extra["mask"]))
+            except BadEntry as exc:
+                raise BadEntry(f"mask_{exc.code}", f"mask: {exc}") from None
             except FileNotFoundError:
                 raise BadEntry("not_found", f"mask not found: {entry.extra['mask']}") from None
             except (OSError, ValueError) as exc:
