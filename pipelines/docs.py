@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from pipelines.evaluate import EvaluateConfig
+from pipelines.export import ExportConfig
 from pipelines.ingest import IngestConfig
 from system.config import markdown_table
 from system.label.config import LabelConfig
@@ -32,6 +33,7 @@ CONFIGS = (
     ("pipelines.train", TrainConfig, "system/training.py"),
     ("pipelines.label", LabelConfig, "system/label/config.py"),
     ("pipelines.evaluate", EvaluateConfig, "pipelines/evaluate.py"),
+    ("pipelines.export", ExportConfig, "pipelines/export.py"),
 )
 
 _SAMPLE_SUFFIX = {"counter": "_total", "gauge": "", "histogram": "_bucket / _sum / _count", "summary": "_sum / _count"}

@@ -34,6 +34,8 @@ from PIL import Image
 
 from pipelines.cluster import start_ray
 from pipelines.entry import Incomplete, run_main
+from pipelines.export import ExportConfig
+from pipelines.export import run as export
 from pipelines.fanout import fan_out
 from system import storage
 from system.config import dump_yaml, parse_cli, to_dict
@@ -271,7 +273,8 @@ def _write_previews(output: str, previews: list[tuple[str, bytes]]) -> list[str]
 
 def run_complete(cfg: LabelConfig) -> dict:
     """``run``, raising ``Incomplete`` (exit status 3) when any input image has neither a mask nor a
-    recorded failure: a scheduler that trusts the exit status never takes a partial job for done."""
+    recorded failure: a scheduler that trusts the exit status never takes a partial job for done.
+    A complete job then writes the exports ``cfg.export`` names (``pipelines.export``)."""
     job = run(cfg)
     if not job["complete"]:
         c = job["counts"]
@@ -279,6 +282,8 @@ def run_complete(cfg: LabelConfig) -> dict:
             f"{cfg.output}: {c['missing'] + c['not_reached']} of {c['input']} images have no mask yet "
             f"({c['units_lost']} units lost, {job['consistency']['masks_without_stats']} masks without stats)"
         )
+    if cfg.export:
+        export(ExportConfig(job=cfg.output, formats=cfg.export))
     return job
 
 

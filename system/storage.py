@@ -391,22 +391,39 @@ def exists(uri: str) -> bool:
 
 def list_uris(prefix_uri: str) -> list[str]:
     """Every object below a folder-like prefix (``a/b`` lists ``a/b/...``, not ``a/bc``), sorted."""
+    return sorted(iter_uris(prefix_uri))
+
+
+def iter_uris(prefix_uri: str) -> Iterator[str]:
+    """``list_uris`` as a stream, for folders too big to hold: S3 returns keys in order a page (1000
+    keys) at a time, and only the current page is held; a local folder is listed whole, sorted."""
     if not is_s3(prefix_uri):
         root = _local(prefix_uri)
         if not root.is_dir():
-            return []
+            return
         base = str(prefix_uri).rstrip("/")
-        return sorted(join(base, p.relative_to(root).as_posix()) for p in root.rglob("*") if p.is_file())
+        yield from sorted(join(base, p.relative_to(root).as_posix()) for p in root.rglob("*") if p.is_file())
+        return
     bucket, prefix = _split_s3(prefix_uri)
     if prefix and not prefix.endswith("/"):
         prefix += "/"
-    out = []
     try:
         for page in _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+            yield from (f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
     except botocore.exceptions.ClientError as exc:
         raise _explain(prefix_uri, exc) from exc
-    return sorted(out)
+
+
+def delete(uri: str) -> None:
+    """Remove one object; one that is already gone is not an error."""
+    if not is_s3(uri):
+        _local(uri).unlink(missing_ok=True)
+        return
+    bucket, key = _split_s3(uri)
+    try:
+        _client().delete_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as exc:
+        raise _explain(uri, exc) from exc
 
 
 class _S3Raw(io.RawIOBase):

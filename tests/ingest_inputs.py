@@ -51,15 +51,16 @@ def make_voc(root: Path, n: int = 10) -> dict:
 
 
 def _polygons(mask: np.ndarray, value: int) -> list[list[float]]:
-    """A polygon per connected row-run block is overkill: boxes around each pixel row segment."""
+    """A box around each pixel row segment, in pixel-corner coordinates (pixel x spans x..x+1), which
+    pycocotools rasterises to exactly those pixels."""
     polys = []
     for y in range(mask.shape[0]):
         xs = np.flatnonzero(mask[y] == value)
         if xs.size:
             breaks = np.flatnonzero(np.diff(xs) > 1)
             for seg in np.split(xs, breaks + 1):
-                x0, x1 = float(seg[0]), float(seg[-1])
-                polys.append([x0, y, x1, y, x1, y, x0, y])
+                x0, x1 = float(seg[0]), float(seg[-1]) + 1
+                polys.append([x0, y, x1, y, x1, y + 1, x0, y + 1])
     return polys
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of the pieces under ingest: keys, masks, image checks, COCO masks, label files, tars."""
+"""Unit tests of the pieces under ingest: keys, masks, image checks, label files, tars (COCO masks: test_coco.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from PIL import Image
 
 from system.data import shards
 from system.data.sources import BadEntry, SourceConfig, build_source
-from system.data.sources.coco import decode_rle_string, rasterise, rle_to_mask
 from system.data.sources.synthetic import class_names, render
 from system.data.sources.voc import load_cls_labels
 from system.data.validate import inspect_image
@@ -98,63 +97,6 @@ def test_image_checks_reject_bad_images_with_reason(case, code):
     with pytest.raises(BadEntry) as info:
         inspect_image(data, 1000 if case == "enormous" else 10**6)
     assert info.value.code == code
-
-
-def _rle_encode(mask: np.ndarray) -> str:
-    """pycocotools' rleToString, to produce test input in the compressed form."""
-    flat = mask.T.reshape(-1).astype(np.uint8)
-    counts, prev, run = [], 0, 0
-    for v in flat:
-        if v != prev:
-            counts.append(run)
-            run, prev = 0, v
-        run += 1
-    counts.append(run)
-    out = []
-    for i, c in enumerate(counts):
-        x = c - counts[i - 2] if i > 2 else c
-        more = True
-        while more:
-            ch = x & 0x1F
-            x >>= 5
-            more = x != -1 if ch & 0x10 else x != 0
-            if more:
-                ch |= 0x20
-            out.append(chr(ch + 48))
-    return "".join(out)
-
-
-def test_coco_rle_both_forms_decode_column_major():
-    mask = np.zeros((7, 5), dtype=bool)
-    mask[1:4, 2] = True
-    mask[6, 0:5] = True
-    mask[0, 4] = True
-    counts_plain = []
-    flat = mask.T.reshape(-1)
-    run, prev = 0, False
-    for v in flat:
-        if v != prev:
-            counts_plain.append(run)
-            run, prev = 0, v
-        run += 1
-    counts_plain.append(run)
-    np.testing.assert_array_equal(rle_to_mask({"size": [7, 5], "counts": counts_plain}), mask)
-    encoded = _rle_encode(mask)
-    assert decode_rle_string(encoded) == counts_plain
-    np.testing.assert_array_equal(rle_to_mask({"size": [7, 5], "counts": encoded}), mask)
-
-
-def test_coco_rasterise_paints_small_over_large_and_crowd_as_ignore():
-    big = [[0, 0, 20, 0, 20, 20, 0, 20]]
-    small = [[5, 5, 10, 5, 10, 10, 5, 10]]
-    crowd = np.zeros((20, 20), dtype=bool)
-    crowd[15:, 15:] = True
-    crowd_rle = {"size": [20, 20], "counts": _rle_encode(crowd)}
-    mask = rasterise(20, 20, [[1, 0, 25.0, small], [0, 0, 400.0, big], [2, 1, 25.0, crowd_rle]])
-    assert mask[2, 2] == 1 and mask[7, 7] == 2, "the small instance stays visible on the large one"
-    assert mask[17, 17] == 1, "individual instances are painted over crowd regions"
-    no_instance = rasterise(20, 20, [[2, 1, 25.0, crowd_rle]])
-    assert no_instance[17, 17] == 255 and no_instance[0, 0] == 0
 
 
 def test_cls_labels_npy_loads_and_refuses_code(tmp_path):

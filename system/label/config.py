@@ -87,6 +87,11 @@ class LabelConfig:
     metrics_addr: str = option(
         "127.0.0.1", doc="address the metrics endpoints bind to (0.0.0.0 for a Prometheus on another host)"
     )
+    export: str = option(
+        "",
+        doc="comma-separated exports written under exports/ once the job is complete: coco, labelstudio "
+        "(python -m pipelines.export with its defaults; run that for other settings)",
+    )
 
     def __post_init__(self) -> None:
         for name in ("model", "data", "output"):
@@ -113,6 +118,9 @@ class LabelConfig:
             raise ValueError(f"cpus_per_actor must be positive, got {self.cpus_per_actor}")
         if self.crf and self.mode == "cam":
             raise ValueError("crf applies to seg masks; mode=cam has none")
+        from system.label.exports import parse_formats  # imported here: exports -> outputs -> this module
+
+        parse_formats(self.export)
 
     @property
     def modes(self) -> tuple[str, ...]:

@@ -2,11 +2,11 @@
 
 Tags are the categories of an image's instances; classes are the categories in ascending id order
 (ids 1..90 -> 0..79 as in the paper). Ids are the image file stems (``COCO_train2014_000000000009``
-for 2014, ``000000000009`` for 2017), the form the authors' id lists use. Semantic GT masks are
-rasterised here without pycocotools: polygons with PIL's ImageDraw, RLE (plain counts or the
-compressed string form) decoded in numpy. Larger instances are painted first so small ones stay
-visible; crowd regions become 255 (ignore) under the individual instances, since a crowd box mixes
-object and background.
+for 2014, ``000000000009`` for 2017), the form the authors' id lists use. Each instance is rasterised
+by pycocotools exactly as ``COCO.annToMask`` does (polygon parts merged, uncompressed RLE converted,
+compressed RLE decoded), so GT masks and every COCO mIoU computed on them match the literature pixel
+for pixel. Larger instances are painted first so small ones stay visible; crowd regions become 255
+(ignore) under the individual instances, since a crowd box mixes object and background.
 """
 
 from __future__ import annotations
@@ -15,66 +15,57 @@ import json
 from pathlib import PurePosixPath
 
 import numpy as np
-from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
 
 from system import storage
 from system.data.sources import BadEntry, Entry, Loaded, SourceConfig
 
 
-def decode_rle_string(counts: str) -> list[int]:
-    """pycocotools' compressed counts: 6-bit chunks (offset 48), deltas after the third count."""
-    out: list[int] = []
-    p = 0
-    while p < len(counts):
-        x = 0
-        k = 0
-        more = True
-        while more:
-            c = ord(counts[p]) - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(out) > 2:
-            x += out[-2]
-        out.append(x)
-    return out
+def instance_mask(segmentation: list | dict, height: int, width: int) -> np.ndarray:
+    """One annotation's (H, W) bool mask, by ``COCO.annToRLE``'s rules.
+
+    pycocotools refuses RLE counts that overrun the mask but leaves the pixels after counts that stop
+    short undefined, so short counts are refused here: plain counts by their sum, a compressed string
+    by re-encoding its decode, which gives the same string back only when its counts cover the mask
+    (every string pycocotools writes does).
+    """
+    try:
+        if isinstance(segmentation, list):
+            rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+            _check_size(segmentation, height, width)
+            counts = segmentation["counts"]
+            if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != height * width:
+                raise BadEntry("bad_segmentation", f"RLE counts do not sum to {height}x{width} pixels")
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
+            _check_size(segmentation, height, width)
+            counts = segmentation["counts"]
+            given = counts.encode("ascii") if isinstance(counts, str) else counts
+            region = mask_utils.decode({"size": [height, width], "counts": given})
+            if mask_utils.encode(np.asfortranarray(region))["counts"] != given:
+                raise BadEntry("bad_segmentation", f"compressed RLE counts do not cover the {height}x{width} mask")
+            return region.astype(bool)
+        else:
+            raise BadEntry("bad_segmentation", f"segmentation is neither polygons nor RLE: {str(segmentation)[:80]}")
+        return mask_utils.decode(rle).astype(bool)
+    except BadEntry:
+        raise
+    except Exception as exc:  # pycocotools raises bare Exception, TypeError and ValueError on malformed input
+        raise BadEntry("bad_segmentation", f"malformed segmentation ({type(exc).__name__}: {exc})") from None
 
 
-def rle_to_mask(rle: dict) -> np.ndarray:
-    """Column-major runs of 0s then 1s -> (H, W) bool."""
-    height, width = rle["size"]
-    counts = rle["counts"]
-    if isinstance(counts, str):
-        counts = decode_rle_string(counts)
-    flat = np.zeros(height * width, dtype=bool)
-    starts = np.cumsum([0, *counts[:-1]])
-    for start, length in zip(starts[1::2], counts[1::2]):
-        flat[start : start + length] = True
-    return flat.reshape(width, height).T
+def _check_size(rle: dict, height: int, width: int) -> None:
+    if list(rle.get("size", ())) != [height, width]:
+        raise BadEntry("mask_size", f"RLE size {rle.get('size')} differs from image size {height}x{width} (H, W)")
 
 
 def rasterise(height: int, width: int, annotations: list) -> np.ndarray:
     """annotations: [class index, iscrowd, area, segmentation] -> mask (0 bg, k+1, 255 crowd)."""
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
     mask = np.zeros((height, width), dtype=np.uint8)
     ordered = sorted(annotations, key=lambda a: (not a[1], -a[2]))
     for class_index, iscrowd, _, segmentation in ordered:
-        value = 255 if iscrowd else class_index + 1
-        if isinstance(segmentation, dict):
-            region = rle_to_mask(segmentation)
-            if region.shape != mask.shape:
-                raise BadEntry("mask_size", f"RLE size {region.shape[::-1]} differs from image size {width}x{height}")
-        else:
-            canvas.paste(0, (0, 0, width, height))
-            for polygon in segmentation:
-                if len(polygon) >= 6:
-                    draw.polygon([(polygon[i], polygon[i + 1]) for i in range(0, len(polygon) - 1, 2)], fill=1)
-            region = np.asarray(canvas, dtype=bool)
-        mask[region] = value
+        mask[instance_mask(segmentation, height, width)] = 255 if iscrowd else class_index + 1
     return mask
 
 
