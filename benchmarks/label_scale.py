@@ -14,6 +14,8 @@ Then each phase runs in a fresh process and reports its driver peak memory above
 
 - ``plan``: ``plan_inputs`` over the dataset plus the one listing of ``units/``;
 - ``plan_manifest``: ``plan_inputs`` over the N-row manifest, drawing every chunk;
+- ``manifest_source``: ``ManifestSource`` alone reading the same manifest's entries once (its own
+  share of ``plan_manifest``'s memory);
 - ``final``: ``finalize_outputs`` (every record summed, the quality report);
 - ``rerun``: ``pipelines.label.run`` on the finished job (the whole re-run, label_job.json written).
 
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-PHASES = ("plan", "plan_manifest", "final", "rerun")
+PHASES = ("plan", "plan_manifest", "manifest_source", "final", "rerun")
 K = 20
 LINKS_PER_FILE = 60_000  # ext4 allows 65,000 links to one inode
 
@@ -139,6 +141,8 @@ def phase(name: str, work: Path) -> dict:
     """One phase in this process: imports first, then the measured work."""
     from benchmarks.cputime import CpuClock
     from pipelines.label import run
+    from system.data.sources import SourceConfig
+    from system.data.sources.manifest import ManifestSource
     from system.label.config import LabelConfig
     from system.label.inputs import plan_inputs
     from system.label.outputs import PlannedUnit, finalize_outputs
@@ -164,6 +168,9 @@ def phase(name: str, work: Path) -> dict:
             units += 1
             largest = max(largest, _json_size(UnitTask(unit, unit.ref, True)))
         extra = {"units": units, "resume_state_bytes": largest}
+    elif name == "manifest_source":
+        source = ManifestSource(SourceConfig(format="manifest", path=paths["manifest"], classes=names))
+        extra = {"entries": sum(1 for _ in source.entries())}
     elif name == "final":
         plan = plan_inputs(cfg.data, K, names, cfg.manifest_chunk)
         final = finalize_outputs(cfg, names, [PlannedUnit(u.ref, u.images) for u in plan.units])

@@ -146,6 +146,11 @@ def test_seg_job_reports_failures_stats_eval_and_previews(seg_job):
     assert job["eval"]["seg"]["images"] == 12
     result = evaluate(EvaluateConfig(masks=storage.join(cfg.output, "masks"), data=cfg.data))
     assert result["miou"] == pytest.approx(direct.miou(), abs=1e-12) and result["missing_masks"] == 0
+    summed = evaluate(EvaluateConfig(job=cfg.output, missing_as_wrong=False))
+    assert summed["from"] == "unit records" and summed["missing_masks"] == 1, "the failed image has no mask"
+    assert summed["miou"] == pytest.approx(direct.miou(), abs=1e-12) and summed["images"] == 12
+    quality = json.loads(storage.get_bytes(storage.join(cfg.output, "quality.json")))
+    assert quality["modes"]["seg"]["images"] == 12 and job["quality"] == "quality.json"
     previews = storage.list_uris(storage.join(cfg.output, "previews"))
     assert len(previews) == 5 and any(p.endswith("contact_sheet.png") for p in previews)
     sheet = Image.open(io.BytesIO(storage.get_bytes(next(p for p in previews if p.endswith("contact_sheet.png")))))
@@ -321,3 +326,5 @@ def test_killed_job_rerun_writes_each_remaining_mask_once(s3_root, ray_cluster):
     assert again["complete"] and again["counts"]["written"] == 0 and again["counts"]["skipped_existing"] == n
     assert again["actors"] == [] and again["eval"]["seg"]["miou"] == job["eval"]["seg"]["miou"]
     assert _masks_with_times(cfg) == after
+    summed = evaluate(EvaluateConfig(job=cfg.output))
+    assert summed["from"] == "unit records" and summed["miou"] == pytest.approx(direct.miou(), abs=1e-12)

@@ -9,6 +9,7 @@ does not grow with the corpus: the first pass keeps one 8-byte hash per row to f
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import hashlib
 import json
@@ -114,7 +115,7 @@ def plan_inputs(data: str, model_classes: int | None, model_names: list[str] | N
     storage.check_readable(data)
     source = ManifestSource(SourceConfig(format="manifest", path=data, classes=list(model_names or [])))
     rejects: list[Reject] = []
-    hashes: list[int] = []
+    hashes = array.array("Q")
     labels: set[str] = set()
     for item in _checked(source, rejects):
         hashes.append(_key_hash(escape_id(item.id)))
@@ -125,7 +126,7 @@ def plan_inputs(data: str, model_classes: int | None, model_names: list[str] | N
     unknown = sorted(labels - set(names))
     if unknown:
         raise ClassMismatch(f"manifest {data}: labels {unknown[:10]} are not among the model's classes")
-    values, counts = np.unique(np.asarray(hashes, dtype=np.uint64), return_counts=True)
+    values, counts = np.unique(np.frombuffer(hashes, dtype=np.uint64), return_counts=True)
     repeated = {int(v) for v in values[counts > 1]}
     rows = len(hashes) + len(rejects)
     kept = len(values)
