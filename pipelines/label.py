@@ -100,7 +100,7 @@ def run(cfg: LabelConfig) -> dict:
             if listing.done(ref):
                 skipped_units += 1
                 continue
-            yield UnitTask(unit, ref, ref.name in listing.started)
+            yield UnitTask(unit, ref, listing.was_started(ref))
 
     log.info(
         "label %s: %d images in %d units (%s), %d unit records already there, mode=%s -> %s",

@@ -162,9 +162,10 @@ def test_a_record_name_carries_the_input_fingerprint_so_a_changed_input_is_redon
     out = str(tmp_path / "job")
     for ref in before:
         storage.put_bytes(ref.record(out), b"{}")
-    storage.put_bytes(after[1].marker(out), b"run")
+    storage.put_bytes(before[1].marker(out), b"run")
     listing = list_units(out)
-    assert [listing.done(ref) for ref in after] == [True, False, True] and listing.started == {"chunk-000001"}
+    assert [listing.done(ref) for ref in after] == [True, False, True]
+    assert listing.was_started(before[1]) and not listing.was_started(after[1]), "a changed input starts afresh"
 
 
 def test_a_manifest_is_planned_in_two_streaming_passes_and_a_repeated_id_is_a_reject(tmp_path):

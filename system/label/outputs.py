@@ -12,7 +12,7 @@ and cost O(units), with no listing of masks/ and no second pass over images.
 Layout under ``output``::
 
     masks/<key><suffix>             (cam_masks/<key><suffix> too when mode=both; .png by default)
-    units/<unit>.<fingerprint>.json, units/<unit>.<fingerprint>.images.jsonl, units/<unit>.open
+    units/<unit>.<fingerprint>.json, .images.jsonl, .open (system.label.records)
     stats/part-<run>-<writer>-<n>.jsonl
     failures/part-<run>-<writer>-<n>.jsonl
     previews/<key>.png, previews/contact_sheet.png

@@ -8,8 +8,8 @@ to the outputs, written after all of the unit's masks::
 
 The fingerprint is the unit's input identity (a shard's sha256 from ``dataset.json``, a hash of a
 manifest chunk's rows), so an input that changed is never taken for done. A unit an actor started
-leaves ``units/<unit>.open`` first: a re-run checks the keys of such a unit one by one (its own
-masks only), and skips a unit with a record without reading it. The final pass, the quality report
+leaves ``units/<unit>.<fingerprint>.open`` first: a re-run checks the keys of such a unit one by
+one (its own masks only), and skips a unit with a record without reading it. The final pass, the quality report
 and the evaluation sum the records' arrays; no step holds a per-image collection.
 """
 
@@ -56,18 +56,22 @@ class UnitRef:
         return storage.join(output, UNITS_DIR, f"{self.name}.{self.fingerprint}.images.jsonl")
 
     def marker(self, output: str) -> str:
-        return storage.join(output, UNITS_DIR, f"{self.name}.open")
+        return storage.join(output, UNITS_DIR, f"{self.name}.{self.fingerprint}.open")
 
 
 @dataclasses.dataclass(frozen=True)
 class UnitsListing:
-    """One listing of ``units/``: the records there (name, fingerprint) and the units started."""
+    """One listing of ``units/``: the records there and the units started, as (name, fingerprint)."""
 
     records: frozenset[tuple[str, str]]
-    started: frozenset[str]
+    started: frozenset[tuple[str, str]]
 
     def done(self, ref: UnitRef) -> bool:
         return (ref.name, ref.fingerprint) in self.records
+
+    def was_started(self, ref: UnitRef) -> bool:
+        """Started on this very input: its keys' masks are this input's (a changed input starts afresh)."""
+        return (ref.name, ref.fingerprint) in self.started
 
 
 def list_units(output: str) -> UnitsListing:
@@ -75,11 +79,10 @@ def list_units(output: str) -> UnitsListing:
     records, started = set(), set()
     for uri in storage.list_uris(storage.join(output, UNITS_DIR)):
         name = uri[len(prefix) :]
-        if name.endswith(".open"):
-            started.add(name[: -len(".open")])
-        elif name.endswith(".json"):
-            unit, _, fp = name[: -len(".json")].rpartition(".")
-            records.add((unit, fp))
+        for suffix, found in ((".open", started), (".json", records)):
+            if name.endswith(suffix):
+                unit, _, fp = name[: -len(suffix)].rpartition(".")
+                found.add((unit, fp))
     return UnitsListing(frozenset(records), frozenset(started))
 
 
