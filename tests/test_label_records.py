@@ -15,6 +15,7 @@ import torch
 
 from pipelines.select import SelectConfig, select
 from system import storage
+from system.label import records
 from system.label.config import LabelConfig
 from system.label.infer import Labeller, to_input
 from system.label.inputs import plan_inputs
@@ -24,12 +25,12 @@ from system.metrics import ConfusionMatrix
 from system.refine import IGNORE_INDEX
 from tests.test_label import NAMES, K, run_all, sample, tiny_model
 
-UNIT_SIZE = 3
+UNIT_SIZE = 2
 
 
 @pytest.fixture(scope="module")
 def both_job(tmp_path_factory):
-    """Six images labelled with mode=both, stored in two units with their records."""
+    """Six images labelled with mode=both, stored in three units with their records."""
     out = str(tmp_path_factory.mktemp("records") / "job")
     cfg = LabelConfig(
         model="m", data="d", output=out, mode="both", precision="fp32", scales=[1.0], cam_scales=[1.0], flush_every=2
@@ -112,6 +113,15 @@ def test_the_quality_report_equals_a_direct_computation_from_the_masks(both_job)
     assert present.sum() > len(results) and union.sum() > 0, "the set has classes and agreement to check"
     assert final["eval"]["seg"]["miou"] == pytest.approx(cm.miou(), abs=1e-12)
     assert final["eval"]["seg"]["images"] == len(results) and final["missing"] == 0
+
+
+def test_records_summed_in_ray_tasks_equal_the_sum_in_the_driver(both_job, ray_cluster, monkeypatch):
+    cfg, _, _, planned = both_job
+    alone = finalize_outputs(cfg, NAMES, planned)
+    monkeypatch.setattr(records, "RECORDS_PER_TASK", 1)  # three records: three tasks
+    tasks = finalize_outputs(cfg, NAMES, planned)
+    assert tasks["quality"] == alone["quality"] and tasks["eval"] == alone["eval"]
+    assert tasks["masks"] == alone["masks"] == len(planned) * UNIT_SIZE
 
 
 def test_select_keeps_exactly_the_masks_that_pass_the_thresholds(both_job):
