@@ -15,7 +15,10 @@ Then each phase runs in a fresh process and reports its driver peak memory above
 - ``plan``: ``plan_inputs`` over the dataset plus the one listing of ``units/``;
 - ``plan_manifest``: ``plan_inputs`` over the N-row manifest, drawing every chunk;
 - ``manifest_source``: ``ManifestSource`` alone reading the same manifest's entries once (its own
-  share of ``plan_manifest``'s memory);
+  share of ``plan_manifest``'s memory: its constructor parses the whole file);
+- ``plan_manifest_streamed``: ``plan_manifest`` with a stand-in for the streaming ``ManifestSource``
+  (another change): no pre-read in the constructor and JSON lines read line by line from the file
+  rather than as one string; what is left is the planner's own memory;
 - ``final``: ``finalize_outputs`` (every record summed, the quality report);
 - ``rerun``: ``pipelines.label.run`` on the finished job (the whole re-run, label_job.json written).
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import resource
@@ -39,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-PHASES = ("plan", "plan_manifest", "manifest_source", "final", "rerun")
+PHASES = ("plan", "plan_manifest", "manifest_source", "plan_manifest_streamed", "final", "rerun")
 K = 20
 LINKS_PER_FILE = 60_000  # ext4 allows 65,000 links to one inode
 
@@ -161,13 +165,15 @@ def phase(name: str, work: Path) -> dict:
         done = sum(listing.done(u.ref) for u in plan.units)
         task = UnitTask(plan.units[0], plan.units[0].ref, True)
         extra = {"units": len(plan.units), "done": done, "resume_state_bytes": _json_size(task)}
-    elif name == "plan_manifest":
+    elif name in ("plan_manifest", "plan_manifest_streamed"):
+        if name == "plan_manifest_streamed":
+            ManifestSource.__init__, ManifestSource._rows = _streaming_init, _streaming_rows
         plan = plan_inputs(paths["manifest"], K, names, cfg.manifest_chunk)
-        largest = units = 0
+        units, first = 0, None
         for unit in plan.units:
             units += 1
-            largest = max(largest, _json_size(UnitTask(unit, unit.ref, True)))
-        extra = {"units": units, "resume_state_bytes": largest}
+            first = first or unit  # every chunk but the last holds manifest_chunk rows: the first is the largest
+        extra = {"units": units, "resume_state_bytes": _json_size(UnitTask(first, first.ref, True))}
     elif name == "manifest_source":
         source = ManifestSource(SourceConfig(format="manifest", path=paths["manifest"], classes=names))
         extra = {"entries": sum(1 for _ in source.entries())}
@@ -186,6 +192,23 @@ def phase(name: str, work: Path) -> dict:
         "wall_s": round(time.monotonic() - wall0, 2),
         **extra,
     }
+
+
+def _streaming_init(self, cfg) -> None:
+    """``ManifestSource.__init__`` without the pre-read (classes given, so none are collected)."""
+    self.cfg, self.path = cfg, cfg.path
+    self.base = self.path.rsplit("/", 1)[0] if "/" in self.path else "."
+    self.class_names = list(cfg.classes)
+
+
+def _streaming_rows(self):
+    """``ManifestSource._rows`` for JSON lines, one line at a time from the stream."""
+    from system import storage
+
+    with storage.open_read(self.path) as f:
+        for line, raw in enumerate(io.TextIOWrapper(f, encoding="utf-8"), start=1):
+            if raw.strip():
+                yield line, json.loads(raw)
 
 
 def _json_size(task) -> int:
