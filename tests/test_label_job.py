@@ -7,6 +7,7 @@ SIGKILLs it half-way.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -318,6 +319,13 @@ def test_killed_job_rerun_writes_each_remaining_mask_once(s3_root, ray_cluster):
     for key, _, gt, _ in samples:
         direct.add(gt, _read_mask(cfg, key))
     assert job["eval"]["seg"]["miou"] == pytest.approx(direct.miou(), abs=1e-12) and job["eval"]["seg"]["images"] == n
+    time.sleep(1.1)
+    redo = run(dataclasses.replace(cfg, overwrite=True))
+    assert redo["complete"] and redo["counts"]["written"] == n and redo["counts"]["skipped_existing"] == 0
+    relabelled = _masks_with_times(cfg)
+    assert all(relabelled[k][0] > after[k][0] for k in after), "overwrite=true writes every mask again"
+    assert {r["run"] for r in _records(cfg)} == {redo["run"]}
+    after = relabelled
     # a finished job's re-run reads no shard: with every shard unreadable it still completes, writing nothing
     for uri in storage.list_uris(f"{s3_root}/data"):
         if uri.endswith(".tar"):
