@@ -20,6 +20,7 @@ from pathlib import Path
 from pipelines.evaluate import EvaluateConfig
 from pipelines.export import ExportConfig
 from pipelines.ingest import IngestConfig
+from pipelines.select import SelectConfig
 from system.config import markdown_table
 from system.label.config import LabelConfig
 from system.telemetry import ingest_metrics, label_metrics, train_metrics
@@ -34,6 +35,7 @@ CONFIGS = (
     ("pipelines.label", LabelConfig, "system/label/config.py"),
     ("pipelines.evaluate", EvaluateConfig, "pipelines/evaluate.py"),
     ("pipelines.export", ExportConfig, "pipelines/export.py"),
+    ("pipelines.select", SelectConfig, "pipelines/select.py"),
 )
 
 _SAMPLE_SUFFIX = {"counter": "_total", "gauge": "", "histogram": "_bucket / _sum / _count", "summary": "_sum / _count"}

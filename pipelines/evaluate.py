@@ -9,6 +9,13 @@ manifest with ``mask`` fields. The metric is the one of docs/method.md §c.3 (25
 prediction counts as a miss). Images with GT but no predicted mask are counted and, by default,
 scored as all-wrong so a partial mask folder cannot look better than it is. Shards are read in
 parallel threads; no Ray is needed.
+
+    python -m pipelines.evaluate job=s3://b/labels/voc-val [mode=cam]
+
+A labelling job's own masks are evaluated from its unit records (``system.label.records``: each
+holds its images' confusion sums), summed without reading a shard or a mask; when some image has
+no mask (a failed image, a unit without its record) and ``missing_as_wrong`` is on, the masks are
+scored the long way above, so both give the same number.
 """
 
 from __future__ import annotations
@@ -24,9 +31,9 @@ from pipelines.entry import run_main
 from system import storage
 from system.config import option, parse_cli
 from system.data.convert import gt_upright
-from system.label.config import MaskFormat
+from system.label.config import LabelConfig, MaskFormat
 from system.label.inputs import ClassMismatch, Unit, plan_inputs, unit_samples
-from system.label.outputs import list_mask_keys
+from system.label.outputs import JOB_FILE, PlannedUnit, finalize_outputs, list_mask_keys
 from system.masks import decode_mask, mask_codec
 from system.metrics import ConfusionMatrix
 from system.refine import IGNORE_INDEX
@@ -39,8 +46,10 @@ log = logging.getLogger("pipelines.evaluate")
 class EvaluateConfig:
     """Evaluate a mask folder against a dataset's ground truth."""
 
-    masks: str = option(doc="folder or s3:// prefix of <key>.png masks (<key><suffix> of mask_format)")
-    data: str = option(doc="dataset URI (shards with mask.png) or manifest with a mask column")
+    masks: str = option("", doc="folder or s3:// prefix of <key>.png masks (<key><suffix> of mask_format)")
+    data: str = option("", doc="dataset URI (shards with mask.png) or manifest with a mask column")
+    job: str = option("", doc="a labelling job's output: its masks scored from its unit records (masks, data unset)")
+    mode: str = option("", doc="with job: seg or cam (a mode=both job's cam_masks/); empty: the job's masks/")
     output: str = option("", doc="where to write the result JSON (empty: only print it)")
     class_names: list[str] = option(
         factory=list, doc="class names, needed only for a manifest without a fixed class list"
@@ -51,8 +60,48 @@ class EvaluateConfig:
     threads: int = option(8, doc="parallel shard readers")
     mask_format: MaskFormat = option("png", doc="how the masks are stored (system.masks codecs)")
 
+    def __post_init__(self) -> None:
+        if bool(self.job) == bool(self.masks and self.data):
+            raise ValueError("give either job=<labelling job output> or both masks= and data=")
+
+
+def evaluate_job(cfg: EvaluateConfig) -> dict:
+    """A labelling job's masks against its input's GT, from the job's unit records."""
+    root = cfg.job.rstrip("/")
+    try:
+        job = json.loads(storage.get_bytes(storage.join(root, JOB_FILE)))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"job={cfg.job}: no {JOB_FILE} (not a labelling job, or it has not finished)") from None
+    fields = {f.name for f in dataclasses.fields(LabelConfig)}
+    label = LabelConfig(**{k: v for k, v in job["config"].items() if k in fields})
+    mode = cfg.mode or label.modes[-1]
+    if mode not in label.modes:
+        raise ValueError(f"mode={mode}: job {cfg.job} ran mode={label.mode}")
+    names = job["model"]["class_names"]
+    plan = plan_inputs(label.data, len(names), names, label.manifest_chunk)
+    final = finalize_outputs(label, names, [PlannedUnit(u.ref, u.images) for u in plan.units])
+    missing = final["totals"].failed + final["images_undone"] + final["missing"]
+    if missing and cfg.missing_as_wrong:
+        masks = storage.join(root, label.mask_dir(mode))
+        return evaluate(dataclasses.replace(cfg, job="", masks=masks, data=label.data, mask_format=label.mask_format))
+    if mode not in final["eval"]:
+        raise ValueError(f"{label.data}: no image with a GT mask and a predicted mask in job {cfg.job}")
+    result = {
+        "masks": storage.join(root, label.mask_dir(mode)),
+        "data": label.data,
+        "images": final["eval"][mode]["images"],
+        "missing_masks": missing,
+        **{k: v for k, v in final["eval"][mode].items() if k != "images"},
+        "from": "unit records",
+    }
+    if cfg.output:
+        storage.put_bytes(cfg.output, (json.dumps(result, indent=1) + "\n").encode())
+    return result
+
 
 def evaluate(cfg: EvaluateConfig) -> dict:
+    if cfg.job:
+        return evaluate_job(cfg)
     storage.check_readable(cfg.data)
     masks_root = cfg.masks.rstrip("/")
     codec = mask_codec(cfg.mask_format)

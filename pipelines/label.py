@@ -6,11 +6,13 @@
 
 Order of work, so that a bad input costs seconds, not a cluster hour: config and storage checks, the
 model loaded once on the driver (its class count and names), the input's classes compared with it
-(a mismatch stops here, before any actor exists), one listing of ``<output>/masks/`` (the keys to
-skip), then the actor pool. Units (shards or manifest chunks) are handed out two per actor so no
-actor waits for the driver. After the pool, the consistency pass lists the masks again, recovers
-stats lines a killed run never flushed, sums the evaluation, and names every input image that has
-neither a mask nor a failure. ``label_job.json`` is written last.
+(a mismatch stops here, before any actor exists), one listing of ``<output>/units/`` (the units
+with a completion record are skipped unread; see ``system.label.records``), then the actor pool,
+started only when some unit is left. Units (shards or manifest chunks) are handed out two per actor
+so no actor waits for the driver. After the pool, the final pass sums the unit records into the
+counts, the evaluation and ``quality.json`` (a per-class table in the log) and names the units
+without a record. The driver holds counts and O(units) names, never a per-image collection.
+``label_job.json`` is written last.
 
 Joins the Ray cluster in ``RAY_ADDRESS`` (``ray job submit``) or starts a local one. Exits 0 only
 when every input image has a mask or a recorded failure, 3 when work is left (``pipelines.entry``);
@@ -22,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import io
+import itertools
 import json
 import logging
 import time
@@ -39,14 +42,16 @@ from system.config import dump_yaml, parse_cli, to_dict
 from system.label.config import LabelConfig
 from system.label.infer import crf_available
 from system.label.inputs import ClassMismatch, plan_inputs
-from system.label.outputs import FAILURES_DIR, JOB_FILE, PREVIEWS_DIR, finalize_outputs, list_mask_keys
+from system.label.outputs import FAILURES_DIR, JOB_FILE, PREVIEWS_DIR, PlannedUnit, finalize_outputs
 from system.label.previews import contact_sheet, png_bytes
+from system.label.records import UnitsListing, list_units, quality_table
 from system.model import CheckpointError, load_clustercam
 from system.rejects import Reject
 from system.telemetry import Progress, label_metrics, setup_logging, start_metrics_server
 
 log = logging.getLogger("pipelines.label")
 UNITS_PER_ACTOR = 2
+QUALITY_FILE = "quality.json"
 
 
 def _now() -> str:
@@ -80,96 +85,122 @@ def run(cfg: LabelConfig) -> dict:
     names = plan.class_names
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     model_id = model.source_id or cfg.model
-    done = (
-        frozenset() if cfg.overwrite else frozenset(list_mask_keys(storage.join(cfg.output, "masks"), cfg.codec.suffix))
-    )
+    listing = UnitsListing(frozenset(), frozenset()) if cfg.overwrite else list_units(cfg.output)
+    planned: list[PlannedUnit] = []
+    skipped_units = 0
+
+    def tasks():
+        """The units left to do, drawn lazily (a manifest's chunks are streamed); done ones only counted."""
+        nonlocal skipped_units
+        from workers.label import UnitTask
+
+        for unit in plan.units:
+            ref = unit.ref
+            planned.append(PlannedUnit(ref, unit.images))
+            if listing.done(ref):
+                skipped_units += 1
+                metrics.done_images.labels(run_id).inc(unit.images or 0)
+                continue
+            yield UnitTask(unit, ref, listing.was_started(ref))
+
     log.info(
-        "label %s: %d images in %d units (%s), %d masks already there, mode=%s -> %s",
+        "label %s: %d images in %d units (%s), %d unit records already there, mode=%s -> %s",
         run_id,
         plan.total,
-        len(plan.units),
+        plan.unit_count,
         plan.kind,
-        len(done),
+        len(listing.records),
         cfg.mode,
         cfg.output,
     )
     storage.put_bytes(storage.join(cfg.output, "label.yaml"), dump_yaml(cfg).encode())
-    if plan.rejects:
-        lines = "".join(json.dumps(r.line(run=run_id)) + "\n" for r in plan.rejects)
-        storage.put_bytes(storage.join(cfg.output, FAILURES_DIR, f"part-{run_id}-driver-00000.jsonl"), lines.encode())
     if cfg.metrics_port:
         start_metrics_server(cfg.metrics_port, cfg.metrics_addr)
 
-    ray = start_ray()
-    from workers.label import LabelActor, UnitResult
-
-    gpus = (
-        cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
-    )
-    done_ref = ray.put(done)
-    actor = LabelActor.options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
-    actors = [actor.remote(cfg, names, run_id, i, done_ref, model_id) for i in range(cfg.num_actors)]
-    asks = {"CPU": cfg.cpus_per_actor, "GPU": gpus}
-    infos = wait_placed(actors, [a.info.remote() for a in actors], cfg.actor_start_timeout_s, "label actors", asks)
-    log.info("label %s: actors ready: %s", run_id, infos)
-
     metrics = label_metrics()
     metrics.input_images.labels(run_id).set(plan.total)
-    progress = Progress(plan.total, "label")
-    seen: set[str] = set()
-    failures: list[dict] = [r.line(run=run_id) for r in plan.rejects]
+    todo = tasks()
+    first = next(todo, None)
+    failures: list[dict] = []
     previews: list[tuple[str, bytes]] = []
-    written = skipped = finished = 0
+    infos: list[dict] = []
+    lost = []
+    written = finished = failed_units = 0
     t_pool = time.monotonic()
+    if first is not None:
+        ray = start_ray()
+        from workers.label import LabelActor, UnitResult
 
-    def submit(a, unit):
-        want = cfg.num_previews if len(previews) < cfg.num_previews else 0
-        return a.label.remote(unit, want)
+        gpus = (
+            cfg.gpus_per_actor
+            if cfg.gpus_per_actor >= 0
+            else (1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
+        )
+        actor = LabelActor.options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
+        actors = [actor.remote(cfg, names, run_id, i, model_id) for i in range(cfg.num_actors)]
+        asks = {"CPU": cfg.cpus_per_actor, "GPU": gpus}
+        infos = wait_placed(actors, [a.info.remote() for a in actors], cfg.actor_start_timeout_s, "label actors", asks)
+        log.info("label %s: actors ready: %s", run_id, infos)
 
-    def done_unit(unit, result: UnitResult) -> None:
-        nonlocal written, skipped, finished
-        finished += 1
-        seen.update(result.seen)
-        written += result.written
-        skipped += result.skipped
-        failures.extend(result.failures)
-        previews.extend(result.previews[: cfg.num_previews - len(previews)])
-        progress.update(len(result.seen))
-        metrics.done_images.labels(run_id).inc(len(result.seen))
+        progress = Progress(plan.total, "label")
 
-    def waiting(in_flight: int) -> None:
-        metrics.queue_depth.labels(run_id).set(len(plan.units) - finished - in_flight + max(0, in_flight - len(actors)))
+        def submit(a, task):
+            want = cfg.num_previews if len(previews) < cfg.num_previews else 0
+            return a.label.remote(task, want)
 
-    slots = [a for _ in range(UNITS_PER_ACTOR) for a in actors]
-    lost = fan_out(
-        plan.units,
-        slots,
-        submit,
-        done_unit,
-        attempts=cfg.unit_attempts,
-        on_wait=waiting,
-        name=lambda unit: f"unit {unit.index} ({unit.uri})",
-    )
+        def done_unit(task, result: UnitResult) -> None:
+            nonlocal written, finished, failed_units
+            finished += 1
+            written += result.written
+            failed_units += sum(1 for f in result.failures if not f.get("key"))
+            failures.extend(result.failures[: max(0, 1000 - len(failures))])
+            previews.extend(result.previews[: cfg.num_previews - len(previews)])
+            progress.update(result.images)
+            metrics.done_images.labels(run_id).inc(result.images)
+
+        def waiting(in_flight: int) -> None:
+            left = plan.unit_count - skipped_units - finished
+            metrics.queue_depth.labels(run_id).set(max(0, left - in_flight + max(0, in_flight - len(actors))))
+
+        slots = [a for _ in range(UNITS_PER_ACTOR) for a in actors]
+        lost = fan_out(
+            itertools.chain([first], todo),
+            slots,
+            submit,
+            done_unit,
+            attempts=cfg.unit_attempts,
+            on_wait=waiting,
+            name=lambda task: f"unit {task.unit.index} ({task.unit.uri})",
+        )
+        metrics.queue_depth.labels(run_id).set(0)
+        for a in actors:
+            ray.kill(a)
     for item in lost:
-        reason = f"unit {item.unit.index} lost after {item.attempts} attempts: {item.error}"
-        failures.append(Reject("", item.unit.uri, "unit_lost", reason).line(run=run_id))
+        reason = f"unit {item.unit.unit.index} lost after {item.attempts} attempts: {item.error}"
+        failures.append(Reject("", item.unit.unit.uri, "unit_lost", reason).line(run=run_id))
+    failures = [r.line(run=run_id) for r in plan.rejects][:1000] + failures
+    if plan.rejects:
+        lines = "".join(json.dumps(r.line(run=run_id)) + "\n" for r in plan.rejects)
+        storage.put_bytes(storage.join(cfg.output, FAILURES_DIR, f"part-{run_id}-driver-00000.jsonl"), lines.encode())
     pool_seconds = time.monotonic() - t_pool
-    metrics.queue_depth.labels(run_id).set(0)
-    for a in actors:
-        ray.kill(a)
 
-    failed = {f["key"] for f in failures if f.get("key")}
-    final = finalize_outputs(cfg, run_id, names, seen, failed)
+    final = finalize_outputs(cfg, names, planned)
+    totals = final["totals"]
+    storage.put_bytes(
+        storage.join(cfg.output, QUALITY_FILE),
+        (json.dumps(final["quality"], indent=1, ensure_ascii=False) + "\n").encode(),
+    )
+    log.info("label %s: %s", run_id, quality_table(final["quality"]))
     preview_names = _write_previews(cfg.output, previews)
     counts = {
         "input": plan.total,
-        "seen": len(seen),
+        "seen": totals.written + totals.skipped + totals.failed,
         "written": written,
-        "skipped_existing": skipped,
-        "failed": len(failures),
+        "skipped_existing": max(0, final["masks"] - written),
+        "failed": len(plan.rejects) + totals.failed + failed_units + len(lost),
         "masks": final["masks"],
         "missing": final["missing"],
-        "not_reached": max(0, plan.total - len(seen) - len(plan.rejects)),
+        "not_reached": final["images_undone"],
         "units_lost": len(lost),
     }
     job = {
@@ -188,9 +219,17 @@ def run(cfg: LabelConfig) -> dict:
         "actors": infos,
         "counts": counts,
         "complete": not lost
+        and not final["units_undone"]
         and counts["missing"] == 0
         and counts["not_reached"] == 0
         and final["masks_without_stats"] == 0,
+        "units": {
+            "total": len(planned),
+            "skipped_complete": skipped_units,
+            "done": final["units_done"],
+            "without_record": final["units_undone"],
+        },
+        "quality": QUALITY_FILE,
         "consistency": {
             k: final[k]
             for k in ("masks", "stats_lines", "stats_recovered", "masks_without_stats", "missing", "missing_keys")
@@ -214,8 +253,8 @@ def run(cfg: LabelConfig) -> dict:
         "label %s: %d written, %d skipped, %d failed, %d missing in %.1f s (%s/s)%s",
         run_id,
         written,
-        skipped,
-        len(failures),
+        counts["skipped_existing"],
+        counts["failed"],
         counts["missing"],
         pool_seconds,
         job["timings"]["images_per_second"],

@@ -88,7 +88,9 @@ def test_an_unreachable_object_store_exits_3_and_says_a_rerun_finishes(tmp_path)
     assert last.startswith("ingest: incomplete:") and "re-running the same command finishes it" in last
 
 
-@pytest.mark.parametrize("module", ["pipelines.ingest", "pipelines.train", "pipelines.label", "pipelines.evaluate"])
+@pytest.mark.parametrize(
+    "module", ["pipelines.ingest", "pipelines.train", "pipelines.label", "pipelines.evaluate", "pipelines.select"]
+)
 def test_a_config_error_exits_2(module):
     done = _entry(module, "no_such_key=1")
     assert done.returncode == 2 and "no_such_key" in done.stderr, done.stderr[-2000:]

@@ -28,7 +28,6 @@ from system.label.inputs import ClassMismatch, Sample, check_classes, plan_input
 from system.label.outputs import (
     OutputWriter,
     confusion_from_sparse,
-    finalize_outputs,
     list_mask_keys,
     mask_stats,
     sparse_confusion,
@@ -288,32 +287,6 @@ def test_sparse_confusion_sums_to_the_direct_matrix():
     assert summed.miou() == pytest.approx(direct.miou())
 
 
-def test_writer_and_final_pass_recover_lines_a_killed_run_never_flushed(tmp_path):
-    out = str(tmp_path / "job")
-    cfg = LabelConfig(model="m", data="d", output=out, precision="fp32", scales=[1.0], flush_every=1000)
-    model = tiny_model()
-    results = run_all(Labeller(model, cfg, NAMES), [sample(i) for i in range(4)])
-    with ThreadPoolExecutor(2) as pool:
-        first = OutputWriter(cfg, NAMES, "run1", "a0", "model", pool)
-        for r in results[:2]:
-            first.submit(r)
-        first.close()
-        killed = OutputWriter(cfg, NAMES, "run1", "a1", "model", pool)
-        for r in results[2:]:
-            killed.submit(r)
-        killed.collect(wait=True)  # masks stored, lines still buffered: then the process dies
-    assert list_mask_keys(storage.join(out, "masks")) == {r.sample.key for r in results}
-    final = finalize_outputs(cfg, "run2", NAMES, {r.sample.key for r in results} | {"never"}, set())
-    assert final["stats_recovered"] == 2 and final["masks_without_stats"] == 0
-    assert final["missing_keys"] == ["never"]
-    direct = ConfusionMatrix(K + 1)
-    for r in results:
-        direct.add(r.gt, r.masks["seg"])
-    assert final["eval"]["seg"]["miou"] == pytest.approx(direct.miou())
-    lines = [json.loads(x) for p in (tmp_path / "job" / "stats").iterdir() for x in p.read_text().splitlines()]
-    assert sorted(line["key"] for line in lines) == sorted(r.sample.key for r in results)
-
-
 def test_a_mask_write_cut_off_by_the_network_is_retried_never_recorded_as_the_images_failure(tmp_path, monkeypatch):
     out = str(tmp_path / "job")
     cfg = LabelConfig(model="m", data="d", output=out, precision="fp32", scales=[1.0], flush_every=1000)
@@ -420,9 +393,12 @@ def test_manifest_units_and_unknown_labels(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     plan = plan_inputs(str(manifest), 3, NAMES, chunk=2)
-    assert plan.kind == "manifest" and [len(u.entries) for u in plan.units] == [2, 1] and plan.total == 4
-    assert len(plan.rejects) == 1
-    samples = list(unit_samples(plan.units[0], {n: k for k, n in enumerate(NAMES)}, skip={"m1"}))
+    units = list(plan.units)
+    assert plan.kind == "manifest" and [len(u.entries) for u in units] == [2, 1] and plan.total == 4
+    assert (
+        len(plan.rejects) == 1 and plan.unit_count == 2 and [u.name for u in units] == ["chunk-000000", "chunk-000001"]
+    )
+    samples = list(unit_samples(units[0], {n: k for k, n in enumerate(NAMES)}, skip={"m1"}))
     assert samples[0].labels == (0,) and samples[0].image.startswith(b"\x89PNG") and samples[1] == "m1"
     (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "a", "image": "0.png", "labels": ["nope"]}) + "\n")
     with pytest.raises(ClassMismatch, match="nope"):

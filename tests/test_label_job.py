@@ -7,6 +7,7 @@ SIGKILLs it half-way.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -146,6 +147,11 @@ def test_seg_job_reports_failures_stats_eval_and_previews(seg_job):
     assert job["eval"]["seg"]["images"] == 12
     result = evaluate(EvaluateConfig(masks=storage.join(cfg.output, "masks"), data=cfg.data))
     assert result["miou"] == pytest.approx(direct.miou(), abs=1e-12) and result["missing_masks"] == 0
+    summed = evaluate(EvaluateConfig(job=cfg.output, missing_as_wrong=False))
+    assert summed["from"] == "unit records" and summed["missing_masks"] == 1, "the failed image has no mask"
+    assert summed["miou"] == pytest.approx(direct.miou(), abs=1e-12) and summed["images"] == 12
+    quality = json.loads(storage.get_bytes(storage.join(cfg.output, "quality.json")))
+    assert quality["modes"]["seg"]["images"] == 12 and job["quality"] == "quality.json"
     previews = storage.list_uris(storage.join(cfg.output, "previews"))
     assert len(previews) == 5 and any(p.endswith("contact_sheet.png") for p in previews)
     sheet = Image.open(io.BytesIO(storage.get_bytes(next(p for p in previews if p.endswith("contact_sheet.png")))))
@@ -219,12 +225,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _stats_lines(cfg) -> list[dict]:
+def _records(cfg) -> list[dict]:
     return [
-        json.loads(line)
-        for uri in storage.list_uris(storage.join(cfg.output, "stats"))
-        for line in storage.get_bytes(uri).decode().splitlines()
+        json.loads(storage.get_bytes(uri))
+        for uri in storage.list_uris(storage.join(cfg.output, "units"))
+        if uri.endswith(".json")
     ]
+
+
+def _jsonl(output: str, record: dict) -> list[dict]:
+    uri = storage.join(output, "units", f"{record['unit']}.{record['fingerprint']}.images.jsonl")
+    return [json.loads(line) for line in storage.get_bytes(uri).decode().splitlines()]
 
 
 def _masks_with_times(cfg) -> dict[str, tuple]:
@@ -291,20 +302,39 @@ def test_killed_job_rerun_writes_each_remaining_mask_once(s3_root, ray_cluster):
         before = now
     assert 8 <= len(before) < n, "kill the job half-way"
     assert not storage.exists(storage.join(cfg.output, "label_job.json"))
-    flushed = _stats_lines(cfg)
     time.sleep(1.1)  # LastModified has one-second resolution
     job = run(cfg)
     after = _masks_with_times(cfg)
     assert len(after) == n and job["complete"]
     assert job["counts"]["written"] == n - len(before) and job["counts"]["skipped_existing"] == len(before)
     assert all(after[k] == v for k, v in before.items()), "a mask of the killed run was written again"
-    lines = _stats_lines(cfg)
-    keys = [line["key"] for line in lines]
-    assert sorted(keys) == sorted(after) and len(keys) == len(set(keys))
-    assert {line["key"] for line in lines if line["run"] == job["run"]} == set(after) - set(before)
-    # masks of the killed run whose lines were still buffered get them back from their PNG
-    assert job["consistency"]["stats_recovered"] == len(before) - len(flushed)
+    records = _records(cfg)
+    keys = [key for r in records for key in r["written"] + r["skipped"]]
+    assert sorted(keys) == sorted(after) and len(keys) == len(set(keys)), "every mask in exactly one unit record"
+    assert {k for r in records if r["run"] == job["run"] for k in r["written"]} == set(after) - set(before)
+    rows = [row["key"] for r in records for row in _jsonl(cfg.output, r)]
+    assert sorted(rows) == sorted(after), "every mask has its quality row, once"
+    # masks of the killed run in a unit it never finished get their lines back from their PNG
+    finished_by_killed_run = sum(len(r["written"]) for r in records if r["run"] != job["run"])
+    assert job["consistency"]["stats_recovered"] == len(before) - finished_by_killed_run
     direct = ConfusionMatrix(K + 1)  # the evaluation covers both runs' masks exactly
     for key, _, gt, _ in samples:
         direct.add(gt, _read_mask(cfg, key))
     assert job["eval"]["seg"]["miou"] == pytest.approx(direct.miou(), abs=1e-12) and job["eval"]["seg"]["images"] == n
+    time.sleep(1.1)
+    redo = run(dataclasses.replace(cfg, overwrite=True))
+    assert redo["complete"] and redo["counts"]["written"] == n and redo["counts"]["skipped_existing"] == 0
+    relabelled = _masks_with_times(cfg)
+    assert all(relabelled[k][0] > after[k][0] for k in after), "overwrite=true writes every mask again"
+    assert {r["run"] for r in _records(cfg)} == {redo["run"]}
+    after = relabelled
+    # a finished job's re-run reads no shard: with every shard unreadable it still completes, writing nothing
+    for uri in storage.list_uris(f"{s3_root}/data"):
+        if uri.endswith(".tar"):
+            storage.put_bytes(uri, b"not a shard any more")
+    again = run(cfg)
+    assert again["complete"] and again["counts"]["written"] == 0 and again["counts"]["skipped_existing"] == n
+    assert again["actors"] == [] and again["eval"]["seg"]["miou"] == job["eval"]["seg"]["miou"]
+    assert _masks_with_times(cfg) == after
+    summed = evaluate(EvaluateConfig(job=cfg.output))
+    assert summed["from"] == "unit records" and summed["miou"] == pytest.approx(direct.miou(), abs=1e-12)

@@ -2,9 +2,11 @@
 
 The driver keeps two units queued per actor, so the next shard's call is waiting the moment the
 current one returns. Inside a call, reading the shard, decoding, the model and the mask uploads
-overlap (threads around the model), so the device waits on nothing but its own work. Keys that
-already have a mask (the driver's one listing, shared through the object store) are skipped before
-their images are decoded.
+overlap (threads around the model), so the device waits on nothing but its own work. An actor gets
+only its unit's own resume state (``UnitTask``: was the unit started by an earlier run?), never a
+job-wide set: in a started unit it looks up each of the unit's keys' masks before decoding the
+image, skips those that exist and takes their stats lines from the mask files. A finished unit
+ends with its record (``system.label.records``), written after its masks.
 
 A transient storage fault (the object store restarting, a reset connection) is never recorded as a
 failure of an image: the unit is tried again inside the actor with backoff, skipping the keys the
@@ -36,6 +38,7 @@ from system.label.infer import Labeller
 from system.label.inputs import Unit, unit_samples
 from system.label.outputs import OutputWriter
 from system.label.previews import overlay, png_bytes
+from system.label.records import UnitRef, build_record, write_record
 from system.model import load_clustercam
 from system.rejects import Reject
 from system.telemetry import label_metrics, start_metrics_server_in_range
@@ -46,18 +49,49 @@ log = logging.getLogger("workers.label")
 ACTOR_PORTS = 8
 
 
+@dataclasses.dataclass(frozen=True)
+class UnitTask:
+    """One call's work: the unit, its record's name, and whether a run before started it (check its keys)."""
+
+    unit: Unit
+    ref: UnitRef
+    started: bool
+
+
 @dataclasses.dataclass
 class UnitResult:
-    """What one call returns to the driver: the unit's keys met (labelled, skipped or failed) and counts."""
+    """What one call returns to the driver: counts of the unit's keys met, its failures, whether it has its record."""
 
     unit: int
-    seen: list[str]
+    images: int
     written: int
     skipped: int
     failures: list[dict]
     previews: list[tuple[str, bytes]]
     seconds: float
     tries: int = 1
+    recorded: bool = False
+
+
+class _ExistingMasks:
+    """The keys of a started unit that already have a mask with its stats line (looked up one by one)."""
+
+    def __init__(self, cfg: LabelConfig, found: dict[str, dict]):
+        self.cfg = cfg
+        self.found = found
+
+    def __contains__(self, key: str) -> bool:
+        if key in self.found:
+            return True
+        uri = storage.join(self.cfg.output, "masks", key + self.cfg.codec.suffix)
+        try:
+            line = self.cfg.codec.read_line(storage.get_bytes(uri))
+        except FileNotFoundError:
+            return False
+        if line is None:
+            return False
+        self.found[key] = line
+        return True
 
 
 class UnitInterrupted(RuntimeError):
@@ -66,16 +100,14 @@ class UnitInterrupted(RuntimeError):
 
 @ray.remote(max_restarts=2, max_task_retries=2)
 class LabelActor:
-    def __init__(
-        self, cfg: LabelConfig, class_names: list[str], run_id: str, index: int, done: frozenset, model_id: str
-    ):
+    def __init__(self, cfg: LabelConfig, class_names: list[str], run_id: str, index: int, model_id: str):
         if cfg.threads_per_actor > 0:
             torch.set_num_threads(cfg.threads_per_actor)
         self.cfg = cfg
         self.name = f"{index}"
         self.tag = (run_id, self.name)
         self.class_names = class_names
-        self.done = done
+        self.run_id = run_id
         if ray.get_gpu_ids():
             require_cuda(f"label actor {index} (gpus_per_actor={cfg.gpus_per_actor})")
         self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
@@ -109,16 +141,20 @@ class LabelActor:
         self.metrics.batch_seconds.labels(*self.tag).observe(seconds)
         self.metrics.images_per_second.labels(*self.tag).set(n / max(seconds, 1e-9))
 
-    def label(self, unit: Unit, previews: int = 0) -> UnitResult:
-        """Label one unit, trying again with backoff while storage fails transiently."""
-        start = time.monotonic()
+    def label(self, task: UnitTask, previews: int = 0) -> UnitResult:
+        """Label one unit, trying again with backoff while storage fails transiently; then its record."""
+        start, unit = time.monotonic(), task.unit
         self.writer.begin_unit()
         stored_before: set[str] = set()
+        existing: dict[str, dict] = {}
         attempt = 0
         while True:
             attempt += 1
             try:
-                result = self._label_once(unit, previews, stored_before)
+                storage.put_bytes(task.ref.marker(self.cfg.output), self.run_id.encode())
+                result = self._label_once(task, previews, stored_before, existing)
+                if result.recorded:
+                    self._write_record(task, existing)
                 result.seconds, result.tries = time.monotonic() - start, attempt
                 return result
             except Exception as exc:
@@ -142,27 +178,47 @@ class LabelActor:
                 )
                 time.sleep(delay)
 
-    def _label_once(self, unit: Unit, previews: int, stored_before: set[str]) -> UnitResult:
-        seen, failures, shown = [], [], []
-        skipped = 0
+    def _write_record(self, task: UnitTask, existing: dict[str, dict]) -> None:
+        written = [line["key"] for line in self.writer.unit_lines]
+        failed = sorted(set(self.writer.unit_failed) - set(written) - set(existing))
+        record, rows = build_record(
+            task.ref,
+            task.unit.uri,
+            self.run_id,
+            self.cfg.modes,
+            self.class_names,
+            [*existing.values(), *self.writer.unit_lines],
+            written,
+            sorted(existing),
+            failed,
+            len(existing),
+        )
+        write_record(self.cfg.output, task.ref, record, rows)
+
+    def _label_once(
+        self, task: UnitTask, previews: int, stored_before: set[str], existing: dict[str, dict]
+    ) -> UnitResult:
+        unit = task.unit
+        failures, shown = [], []
+        images = skipped = 0
         written_before = self.writer.written - len(stored_before)
         index = {name: k for k, name in enumerate(self.class_names)}
-        skip = self.done | stored_before if stored_before else self.done
+        known = _ExistingMasks(self.cfg, existing) if task.started and not self.cfg.overwrite else set()
 
         def samples():
-            nonlocal skipped
-            for sample in unit_samples(unit, index, skip):
+            nonlocal images, skipped
+            for sample in unit_samples(unit, index, _Skip(stored_before, known)):
+                images += 1
                 if isinstance(sample, str):
-                    seen.append(sample)
                     skipped += sample not in stored_before
                     continue
-                seen.append(sample.key)
                 yield sample
 
         def fail(item: Reject) -> None:
             failures.append(item.line())
             self.metrics.failures.labels(*self.tag, item.code).inc()
 
+        recorded = True
         try:
             for item in self.labeller.label(samples(), self.pool, self._on_batch):
                 self.writer.submit(item)
@@ -183,6 +239,7 @@ class LabelActor:
         except (OSError, ValueError) as exc:
             if storage.is_transient(exc):
                 raise
+            recorded = False  # a unit not read to its end is not done
             fail(
                 Reject(
                     "",
@@ -193,4 +250,16 @@ class LabelActor:
             )
         for lost in self.writer.close():
             fail(lost)
-        return UnitResult(unit.index, seen, self.writer.written - written_before, skipped, failures, shown, 0.0)
+        written = self.writer.written - written_before
+        return UnitResult(unit.index, images, written, skipped, failures, shown, 0.0, recorded=recorded)
+
+
+class _Skip:
+    """Keys not to label again: stored by an interrupted try of this call, or found by ``_ExistingMasks``."""
+
+    def __init__(self, stored: set[str], existing):
+        self.stored = stored
+        self.existing = existing
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.stored or key in self.existing

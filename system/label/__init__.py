@@ -7,5 +7,6 @@ they do to an image lives here so it is testable without Ray:
 - ``inputs``: dataset shards or a manifest -> work units -> samples; class checks,
 - ``infer``: :class:`Labeller` (decode, size batches, seg / cam masks),
 - ``outputs``: mask PNGs with their stats line, stats/failure parts, consistency pass, evaluation,
+- ``records``: unit completion records, their sums, the quality report (resume and final pass in O(units)),
 - ``previews``: overlays and the contact sheet.
 """

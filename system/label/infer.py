@@ -59,6 +59,7 @@ class Labelled:
     masks: dict[str, np.ndarray]  # mode -> (H, W) uint8 in {0..K, 255}
     confidence: dict[str, float]
     model_size: tuple[int, int]
+    class_confidence: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)  # mode -> value -> mean
 
 
 def model_size(height: int, width: int, max_side: int, min_side: int) -> tuple[int, int]:
@@ -108,6 +109,15 @@ def size_batches(
             yield buckets.pop(fullest)
     for size in list(buckets):
         yield buckets.pop(size)
+
+
+def class_confidence(labels: torch.Tensor, conf: torch.Tensor) -> dict[int, float]:
+    """Mean confidence of each label value's pixels (at the model size; ignore pixels have none)."""
+    known = ~torch.isnan(conf)
+    values = labels[known].long().flatten()
+    sums = torch.bincount(values, weights=conf[known].double().flatten(), minlength=256)
+    counts = torch.bincount(values, minlength=256)
+    return {int(v): float(sums[v] / counts[v]) for v in torch.nonzero(counts).flatten()}
 
 
 def dense_crf(pixels: np.ndarray, probs: np.ndarray, iterations: int = 10) -> np.ndarray:
@@ -224,15 +234,16 @@ class Labeller:
         results: list[Labelled | Reject] = []
         for i, item in enumerate(batch):
             H, W = item.pixels.shape[:2]
-            masks, confidence = {}, {}
+            masks, confidence, per_class = {}, {}, {}
             for mode, (labels, conf) in outputs.items():
+                per_class[mode] = class_confidence(labels[i], conf[i].float())
                 mask = labels[i].to(torch.uint8).cpu().numpy()
                 if (h, w) != (H, W):
                     mask = np.asarray(Image.fromarray(mask).resize((W, H), Image.NEAREST))
                 masks[mode] = mask
                 c = conf[i].float()
                 confidence[mode] = float(c.nanmean()) if not torch.isnan(c).all() else float("nan")
-            results.append(Labelled(item.sample, item.pixels, item.gt, masks, confidence, (int(h), int(w))))
+            results.append(Labelled(item.sample, item.pixels, item.gt, masks, confidence, (int(h), int(w)), per_class))
         return results
 
     def label(

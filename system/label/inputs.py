@@ -1,16 +1,21 @@
 """What a labelling job reads: a dataset's shards or a manifest, cut into work units.
 
-A unit is what one actor call processes: one shard (its samples are only known once it is read,
-so the actor skips finished keys itself) or a chunk of manifest lines (the driver already knows the
-keys and drops finished ones before sending). Image bytes are fetched inside the actor, never by
-the driver, so the driver's memory does not grow with the corpus.
+A unit is what one actor call processes: one shard or a chunk of manifest lines. Each has a name
+and a fingerprint of its input (its record's name, ``system.label.records``) and its image count.
+Image bytes are fetched inside the actor, never by the driver, and a manifest is streamed twice
+(checks and counts, then the chunks as the job draws them) rather than held, so the driver's memory
+does not grow with the corpus: the first pass keeps one 8-byte hash per row to find duplicate ids.
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
+import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Container, Iterable, Iterator
+
+import numpy as np
 
 from system import storage
 from system.data.fetch import FetchConfig, FetchError, fetch, is_url
@@ -18,6 +23,7 @@ from system.data.shards import DATASET_FILE, DatasetInfo, UnsafeId, check_id, es
 from system.data.sources import Entry, SourceConfig
 from system.data.sources.manifest import ManifestSource
 from system.data.stream import shard_samples
+from system.label.records import UnitRef, fingerprint
 from system.rejects import Reject
 
 IMAGE_EXTS = ("jpg", "png", "webp")
@@ -32,10 +38,17 @@ class Unit:
     index: int
     uri: str
     entries: tuple[Entry, ...] = ()
+    name: str = ""
+    fingerprint: str = ""
+    images: int | None = None
 
     @property
     def is_shard(self) -> bool:
         return not self.entries
+
+    @property
+    def ref(self) -> UnitRef:
+        return UnitRef(self.name or f"unit-{self.index:06d}", self.fingerprint or fingerprint(self.uri))
 
 
 @dataclasses.dataclass
@@ -54,12 +67,13 @@ class Sample:
 
 @dataclasses.dataclass
 class InputPlan:
-    units: list[Unit]
+    units: Iterable[Unit]  # a dataset's list; a manifest's are streamed (iterate once)
     class_names: list[str]
     kind: str  # "dataset" | "manifest"
     info: DatasetInfo | None  # None for a manifest
     total: int
-    rejects: list[Reject]
+    rejects: list[Reject]  # a manifest's duplicate ids join while its units are drawn
+    unit_count: int = 0
 
 
 def _is_dataset(data: str) -> bool:
@@ -92,13 +106,43 @@ def plan_inputs(data: str, model_classes: int | None, model_names: list[str] | N
     if _is_dataset(data):
         info = read_dataset(data)
         names = check_classes(model_classes, model_names, info.classes, f"dataset {data}")
-        units = [Unit(i, uri) for i, uri in enumerate(shard_uris(data, info))]
-        return InputPlan(units, names, "dataset", info, info.total_samples, [])
+        units = [
+            Unit(i, uri, (), shard.name.rsplit(".", 1)[0], fingerprint(shard.sha256, shard.samples), shard.samples)
+            for i, (uri, shard) in enumerate(zip(shard_uris(data, info), info.shards))
+        ]
+        return InputPlan(units, names, "dataset", info, info.total_samples, [], len(units))
     if not data.endswith((".jsonl", ".csv")):
         raise FileNotFoundError(f"data={data!r}: neither a dataset (no {DATASET_FILE}) nor a .jsonl/.csv manifest")
     storage.check_readable(data)
     source = ManifestSource(SourceConfig(format="manifest", path=data, classes=list(model_names or [])))
-    entries, rejects, keys = [], [], {}
+    rejects: list[Reject] = []
+    hashes = array.array("Q")
+    labels: set[str] = set()
+    for item in _checked(source, rejects):
+        hashes.append(_key_hash(escape_id(item.id)))
+        labels.update(item.labels)
+    names = check_classes(
+        model_classes, model_names, source.class_names if not model_names else None, f"manifest {data}"
+    )
+    unknown = sorted(labels - set(names))
+    if unknown:
+        raise ClassMismatch(f"manifest {data}: labels {unknown[:10]} are not among the model's classes")
+    values, counts = np.unique(np.frombuffer(hashes, dtype=np.uint64), return_counts=True)
+    repeated = {int(v) for v in values[counts > 1]}
+    rows = len(hashes) + len(rejects)
+    kept = len(values)
+    del hashes, values, counts
+    plan = InputPlan([], names, "manifest", None, rows, rejects, -(-kept // chunk))
+    plan.units = _manifest_units(data, source, chunk, repeated, plan.rejects)
+    return plan
+
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def _checked(source: ManifestSource, rejects: list[Reject]) -> Iterator[Entry]:
+    """The manifest's entries with a safe id; parse errors and unsafe ids go to ``rejects``."""
     for item in source.entries():
         if isinstance(item, Reject):
             rejects.append(item)
@@ -108,20 +152,35 @@ def plan_inputs(data: str, model_classes: int | None, model_names: list[str] | N
         except UnsafeId as exc:
             rejects.append(Reject(item.id, item.image, "unsafe_id", str(exc)))
             continue
+        yield item
+
+
+def _manifest_units(
+    data: str, source: ManifestSource, chunk: int, repeated: set[int], rejects: list[Reject]
+) -> Iterator[Unit]:
+    """The second pass: chunks of ``chunk`` entries; a repeated id after its first row is a reject."""
+    first: dict[str, str] = {}
+    entries: list[Entry] = []
+    index = 0
+    for item in _checked(source, []):
         key = escape_id(item.id)
-        if key in keys:
-            rejects.append(Reject(item.id, item.image, "duplicate_id", f"duplicate id (first at {keys[key]})", key))
-            continue
-        keys[key] = item.image
+        if _key_hash(key) in repeated:
+            if key in first:
+                reason = f"duplicate id (first at {first[key]})"
+                rejects.append(Reject(item.id, item.image, "duplicate_id", reason, key))
+                continue
+            first[key] = item.image
         entries.append(item)
-    names = check_classes(
-        model_classes, model_names, source.class_names if not model_names else None, f"manifest {data}"
-    )
-    unknown = sorted({n for e in entries for n in e.labels} - set(names))
-    if unknown:
-        raise ClassMismatch(f"manifest {data}: labels {unknown[:10]} are not among the model's classes")
-    units = [Unit(i, data, tuple(entries[s : s + chunk])) for i, s in enumerate(range(0, len(entries), chunk))]
-    return InputPlan(units, names, "manifest", None, len(entries) + len(rejects), rejects)
+        if len(entries) == chunk:
+            yield _chunk(index, data, entries)
+            index, entries = index + 1, []
+    if entries:
+        yield _chunk(index, data, entries)
+
+
+def _chunk(index: int, data: str, entries: list[Entry]) -> Unit:
+    rows = [(e.id, e.image, list(e.labels or ()), (e.extra or {}).get("mask")) for e in entries]
+    return Unit(index, data, tuple(entries), f"chunk-{index:06d}", fingerprint(rows), len(entries))
 
 
 def _shard_sample(raw: dict, uri: str, class_index: dict[str, int]) -> Sample:
@@ -182,9 +241,7 @@ def _manifest_sample(entry: Entry, class_index: dict[str, int]) -> Sample:
     return Sample(key, entry.id, labels, image, gt, entry.image)
 
 
-def unit_samples(
-    unit: Unit, class_index: dict[str, int], skip: frozenset[str] | set[str] = frozenset()
-) -> Iterator[Sample | str]:
+def unit_samples(unit: Unit, class_index: dict[str, int], skip: Container[str] = frozenset()) -> Iterator[Sample | str]:
     """The unit's samples to label, in order; keys in ``skip`` come back as bare strings (not read further)."""
     if unit.is_shard:
         for raw in shard_samples(unit.uri):

@@ -1,30 +1,32 @@
-"""The job's outputs: masks, stats and failure lines, the final consistency pass and the evaluation.
+"""The job's outputs: masks, stats and failure lines, the final pass over unit records, the evaluation.
 
 Masks are written through the job's ``MaskCodec`` (``system.masks``), which embeds each image's
-stats line in the mask file itself. Stats lines are buffered and written in
-parts (one small object per image would cost a request each), so a killed job leaves masks whose
-lines were never flushed; the final pass finds them with the one listing it makes anyway and reads
-their line back from the mask file. A mask and its stats can therefore never disagree, and a re-run never
-has to recompute a mask to get its statistics. When the input has GT masks the line also holds the
-image's confusion counts (sparse), so the job's mIoU is the sum over lines, exact after any number
-of restarts, with no second pass over images.
+stats line in the mask file itself, so a mask and its stats can never disagree and a re-run never
+has to recompute a mask to get its statistics. Stats lines are also written in parts per actor (one
+small object per image would cost a request each). When the input has GT masks the line holds the
+image's confusion counts (sparse); with ``mode=both`` it holds the per-class agreement of the two
+masks. Each finished unit sums its lines into its record (``system.label.records``); the final
+pass sums the records, so the job's mIoU and quality report are exact after any number of restarts
+and cost O(units), with no listing of masks/ and no second pass over images.
 
 Layout under ``output``::
 
     masks/<key><suffix>             (cam_masks/<key><suffix> too when mode=both; .png by default)
+    units/<unit>.<fingerprint>.json, .images.jsonl, .open (system.label.records)
     stats/part-<run>-<writer>-<n>.jsonl
     failures/part-<run>-<writer>-<n>.jsonl
     previews/<key>.png, previews/contact_sheet.png
-    label_job.json                  (last)
+    quality.json, label_job.json    (last)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from collections.abc import Iterable
+from concurrent.futures import Executor, Future
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ import torch
 from system import storage
 from system.label.config import LabelConfig
 from system.label.infer import Labelled
+from system.label.records import UnitRef, list_units, quality_report, sum_records_parallel
 from system.masks import PalettePng
 from system.metrics import ConfusionMatrix
 from system.refine import IGNORE_INDEX
@@ -51,6 +54,15 @@ def mask_stats(mask: np.ndarray, class_names: list[str]) -> dict:
     fractions = {names.get(int(v), str(int(v))): round(float(counts[v]) / total, 6) for v in np.flatnonzero(counts)}
     classes = [class_names[v - 1] for v in np.flatnonzero(counts) if 0 < v <= len(class_names)]
     return {"classes": classes, "fractions": fractions}
+
+
+def mask_agreement(cam: np.ndarray, seg: np.ndarray, names: list[str]) -> dict[str, list[int]]:
+    """Per value, [intersection, union] pixels of the two masks where the CAM mask decided (not ignore)."""
+    valid = cam != IGNORE_INDEX
+    joint = np.bincount(seg[valid].astype(np.int64) * 256 + cam[valid], minlength=256 * 256).reshape(256, 256)
+    inter = np.diag(joint)
+    union = joint.sum(0) + joint.sum(1) - inter
+    return {names[v]: [int(inter[v]), int(union[v])] for v in np.flatnonzero(union) if v < len(names)}
 
 
 def sparse_confusion(gt: np.ndarray, pred: np.ndarray, n: int) -> list[list[int]]:
@@ -99,6 +111,8 @@ class OutputWriter:
         self.lines: list[dict] = []
         self.failures: list[dict] = []
         self.stored: set[str] = set()
+        self.unit_lines: list[dict] = []  # the current unit's lines and failed keys, for its record
+        self.unit_failed: list[str] = []
         self.seq = 0
         self.written = 0
 
@@ -118,14 +132,20 @@ class OutputWriter:
             "tags": [self.class_names[k] for k in s.labels],
             "source": s.source,
         }
+        names = ["background", *self.class_names]
         for mode in self.cfg.modes:
             part = {**mask_stats(item.masks[mode], self.class_names), "confidence": _round(item.confidence[mode])}
+            part["class_confidence"] = {
+                names[v]: _round(c) for v, c in item.class_confidence.get(mode, {}).items() if v < len(names)
+            }
             if item.gt is not None:
                 part["confusion"] = sparse_confusion(item.gt, item.masks[mode], len(self.class_names) + 1)
             if mode == primary:
                 line.update(part)
             else:
                 line[mode] = part
+        if len(self.cfg.modes) > 1:
+            line["agreement"] = mask_agreement(item.masks[self.cfg.modes[0]], item.masks[primary], names)
         return line
 
     def _store(self, item: Labelled) -> dict:
@@ -138,11 +158,13 @@ class OutputWriter:
         return line
 
     def begin_unit(self) -> None:
-        self.stored = set()
+        self.stored, self.unit_lines, self.unit_failed = set(), [], []
 
     def submit(self, item: Labelled | Reject) -> None:
         if isinstance(item, Reject):
             self.failures.append(item.line(run=self.run_id))
+            if item.key:
+                self.unit_failed.append(item.key)
             return
         self.pending.append((item, self.pool.submit(self._store, item)))
 
@@ -153,7 +175,9 @@ class OutputWriter:
         while self.pending and (wait or self.pending[0][1].done()):
             item, future = self.pending.popleft()
             try:
-                self.lines.append(future.result())
+                line = future.result()
+                self.lines.append(line)
+                self.unit_lines.append(line)
                 self.written += 1
                 self.stored.add(item.sample.key)
             except Exception as exc:  # botocore's connection errors are neither OSError nor StorageError
@@ -164,6 +188,7 @@ class OutputWriter:
                     raise
                 failure = item.sample.reject("write_failed", f"writing the mask failed ({exc})")
                 self.failures.append(failure.line(run=self.run_id))
+                self.unit_failed.append(item.sample.key)
                 failed.append(failure)
         if transient is not None:
             raise transient
@@ -212,69 +237,46 @@ def list_mask_keys(folder: str, suffix: str = PalettePng.suffix) -> set[str]:
     }
 
 
-def _read_lines(output: str, folder: str, pool: Executor) -> Iterator[dict]:
-    """Every line of every part below ``folder``, parts fetched in parallel a window at a time."""
-    uris = [u for u in storage.list_uris(storage.join(output, folder)) if u.endswith(".jsonl")]
-    for text in pool.map(storage.get_bytes, uris):
-        for raw in text.decode("utf-8").splitlines():
-            if raw.strip():
-                yield json.loads(raw)
+@dataclasses.dataclass(frozen=True)
+class PlannedUnit:
+    """A unit of the plan as the final pass sees it: its record's name and how many images it holds."""
+
+    ref: UnitRef
+    images: int | None  # None: unknown (the unit's samples are only known once read)
 
 
-def finalize_outputs(cfg: LabelConfig, run_id: str, class_names: list[str], seen: set[str], failed: set[str]) -> dict:
-    """The consistency pass: one listing of masks/, every stats part read, lost lines recovered, eval summed.
+def finalize_outputs(cfg: LabelConfig, class_names: list[str], planned: list[PlannedUnit]) -> dict:
+    """The final pass: sum the records of the plan's units (never a listing of masks/ or a stats part).
 
-    Only each key's run and confusion counts are kept (a line is ~1 kB; a corpus has millions). A key
-    with two lines (a unit retried after its actor died, or ``overwrite``) counts once, preferring
-    this run's line. ``seen`` are the input keys the actors met this run (labelled, skipped or
-    failed); a seen key with neither a mask nor a failure this run is reported missing.
+    A unit without its record is not done; a record whose outcomes cover fewer keys than the unit
+    holds reports the rest missing. The evaluation is the records' confusion sums, exact after any
+    number of restarts.
     """
     start = time.monotonic()
-    primary = cfg.modes[-1]  # its fields are the line's own; the other mode's are nested under its name
-    kept: dict[str, tuple[str | None, dict[str, list]]] = {}
-
-    def keep(line: dict) -> None:
-        key = line["key"]
-        if key in masks and (key not in kept or line.get("run") == run_id):
-            kept[key] = (
-                line.get("run"),
-                {m: (line if m == primary else line.get(m, {})).get("confusion") for m in cfg.modes},
-            )
-
-    with ThreadPoolExecutor(16) as pool:
-        codec = cfg.codec
-        masks = list_mask_keys(storage.join(cfg.output, "masks"), codec.suffix)
-        for line in _read_lines(cfg.output, STATS_DIR, pool):
-            keep(line)
-        lost = sorted(masks - set(kept))
-        recovered = [
-            line
-            for line in pool.map(
-                lambda k: codec.read_line(storage.get_bytes(storage.join(cfg.output, "masks", k + codec.suffix))), lost
-            )
-            if line
-        ]
-    if recovered:
-        storage.put_bytes(storage.join(cfg.output, STATS_DIR, _part_name(run_id, "recovered", 0)), _jsonl(recovered))
-        for line in recovered:
-            keep(line)
+    listing = list_units(cfg.output)
+    done = [p for p in planned if listing.done(p.ref)]
     names = ["background", *class_names]
+    totals = sum_records_parallel([p.ref.record(cfg.output) for p in done], cfg.modes, len(names))
+    undone = [p for p in planned if not listing.done(p.ref)]
+    expected = sum(p.images or 0 for p in done)
     evaluation = {}
     for mode in cfg.modes:
-        confusions = [c[mode] for _, c in kept.values() if c[mode]]
-        if confusions:
-            evaluation[mode] = {
-                **confusion_from_sparse(confusions, len(names)).summary(names),
-                "images": len(confusions),
-            }
-    missing = sorted(seen - masks - failed)
+        if totals.gt_images[mode]:
+            cm = ConfusionMatrix.from_state(torch.from_numpy(totals.confusion[mode]))
+            evaluation[mode] = {**cm.summary(names), "images": totals.gt_images[mode]}
+    masks = totals.written + totals.skipped
     return {
-        "masks": len(masks),
-        "stats_lines": len(kept),
-        "stats_recovered": len(recovered),
-        "masks_without_stats": len(masks) - len(kept),
-        "missing": len(missing),
-        "missing_keys": missing[:1000],
+        "totals": totals,
+        "units_done": len(done),
+        "units_undone": [p.ref.name for p in undone[:1000]],
+        "images_undone": sum(p.images or 0 for p in undone),
+        "masks": masks,
+        "stats_lines": totals.images[cfg.modes[-1]],
+        "stats_recovered": totals.recovered,
+        "masks_without_stats": masks - totals.images[cfg.modes[-1]],
+        "missing": max(0, expected - masks - totals.failed) if all(p.images is not None for p in done) else 0,
+        "missing_keys": [],
         "eval": evaluation,
+        "quality": quality_report(totals, class_names, cfg.modes),
         "seconds": round(time.monotonic() - start, 3),
     }
