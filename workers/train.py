@@ -284,7 +284,7 @@ def train_loop_per_worker(config: dict) -> None:
     validator = Validator(cfg.validation, cfg.schedule, len(class_names), device, precision.dtype, rank, world)
     train_step = TrainStep(cfg, engine, optimizer, steps, rank, Ranks.of_process_group(), device, precision.dtype)
     telemetry = StepTelemetry(
-        cfg.metrics, rank, total_steps, position.global_step, device, get_spec(cfg.model.kind).loss_terms
+        cfg.metrics, rank, total_steps, position.global_step, device, get_spec(cfg.model.head).loss_terms
     )
     if rank == 0:
         log.info(
