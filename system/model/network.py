@@ -213,7 +213,7 @@ class ClusterCAM(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, T, C))
         self.pos_embed = nn.Parameter(torch.zeros(1, T + cfg.pos_grid**2, C))
         self.patch_embed = PatchEmbed(img_size=None, patch_size=cfg.patch_size, in_chans=3, embed_dim=C)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # also under a meta device
         first_st = cfg.depth - cfg.num_st_blocks
         self.blocks = nn.ModuleList(
             (ClusterBlock if i >= first_st else PlainBlock)(cfg, rates[i]) for i in range(cfg.depth)
