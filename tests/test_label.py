@@ -44,9 +44,9 @@ NAMES = synthetic_names(K)
 TINY = dict(num_classes=K, embed_dim=48, depth=12, num_heads=6, img_size=64, drop_path_rate=0.0, decoder_channels=64)
 
 
-def tiny_model(seed: int = 0):
+def tiny_model(seed: int = 0, head: str = "authors"):
     torch.manual_seed(seed)
-    model = build_clustercam(**TINY).eval()
+    model = build_clustercam(**TINY, head=head).eval()
     # a fresh decoder predicts nearly uniform probabilities: sharpen it so argmax ties cannot occur
     with torch.no_grad():
         model.decoder.conv8.weight.mul_(40)
@@ -113,8 +113,9 @@ def run_all(lab: Labeller, samples):
 # ---- inference ---------------------------------------------------------------------------------
 
 
-def test_seg_masks_equal_predict_probs_argmax():
-    model = tiny_model()
+@pytest.mark.parametrize("head", ["authors", "scalable"])
+def test_seg_masks_equal_predict_probs_argmax(head):
+    model = tiny_model(head=head)
     samples = [sample(i) for i in range(5)]
     out = run_all(labeller(model, restrict_to_tags=False, scales=[0.5, 1.0, 1.5]), samples)
     assert [o.sample.key for o in out] == [s.key for s in samples]
@@ -156,8 +157,9 @@ def test_tag_restriction_only_allows_background_and_tags():
     assert any(not np.array_equal(a.masks["seg"], b.masks["seg"]) for a, b in zip(out, unrestricted))
 
 
-def test_cam_mode_equals_library_pseudo_labels():
-    model = tiny_model()
+@pytest.mark.parametrize("head", ["authors", "scalable"])
+def test_cam_mode_equals_library_pseudo_labels(head):
+    model = tiny_model(head=head)
     samples = [sample(i) for i in range(3)]
     out = run_all(labeller(model, mode="cam", cam_scales=[1.0, 0.75]), samples)
     x = torch.stack([to_input(np.array(Image.open(io.BytesIO(s.image)).convert("RGB"))) for s in samples])

@@ -175,3 +175,46 @@ def test_drop_path_only_in_training():
         torch.manual_seed(1)
         b = model(x).cls_logits
     assert not torch.equal(a, b)
+
+
+SCALABLE = {"num_classes": 5, "embed_dim": 48, "img_size": 64, "decoder_channels": 16, "head": "scalable"}
+
+
+def test_the_scalable_head_keeps_its_width_and_backbone_independent_of_the_class_count():
+    small, large = build_clustercam(**SCALABLE), build_clustercam(**{**SCALABLE, "num_classes": 50})
+    assert small.cls_token.shape[1] == large.cls_token.shape[1] == 1
+    assert small.head.in_channels == large.head.in_channels == 48 + 12 * 6 * 1
+    assert large.head.out_channels == 50 and large.cls_head.out_features == 50
+    assert large.decoder.conv8.out_channels == 51
+
+
+@torch.no_grad()
+def test_the_scalable_head_gives_logits_cams_and_segments_of_every_class():
+    model = build_clustercam(**{**SCALABLE, "head_tokens": 2}).eval()
+    x = torch.randn(2, 3, 64, 80)
+    out = model(x)
+    assert out.cls_logits.shape == out.pat_logits.shape == (2, 5) and out.segs.shape == (2, 6, 4, 5)
+    for refine in (True, False):
+        cam = model.cam(x, p2p_refine=refine)
+        assert cam.shape == (2, 5, 4, 5) and (cam >= 0).all() and cam.amax() > 0
+    assert multi_scale_cam(model, x).shape == (2, 5, 64, 80)
+    assert predict_probs(model, x, (1.0, 0.5)).shape == (2, 6, 64, 80)
+    assert torch.equal(model.segment(x), out.segs)
+
+
+def test_the_scalable_head_trains():
+    torch.manual_seed(0)
+    model = build_clustercam(**{**SCALABLE, "drop_path_rate": 0.0}).train()
+    x = torch.randn(4, 3, 64, 64)
+    labels = _labels(4, 5, 0)
+    pseudo = torch.randint(0, 6, (4, 64, 64))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        out = model(x)
+        loss = clustercam_loss(out.cls_logits, out.pat_logits, labels, out.segs, pseudo).total
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses

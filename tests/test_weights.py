@@ -40,7 +40,7 @@ def _same_outputs(a, b, x) -> bool:
 def test_config_is_inferred_from_tensors(authors_sd):
     cfg = infer_config(authors_sd)
     assert cfg == {
-        "kind": "authors",
+        "head": "authors",
         "num_classes": 5,
         "embed_dim": 48,
         "depth": 12,
@@ -179,17 +179,17 @@ SMALL = {"num_classes": 3, "embed_dim": 48, "img_size": 64}
 
 @pytest.mark.parametrize("kind", sorted(MODEL_SPECS))
 def test_every_model_kind_recognises_exactly_its_own_checkpoints(kind):
-    keys = build_model(ClusterCAMConfig(kind=kind, **SMALL)).state_dict().keys()
+    keys = build_model(ClusterCAMConfig(head=kind, **SMALL)).state_dict().keys()
     assert [spec.kind for spec in MODEL_SPECS.values() if spec.recognises(keys)] == [kind]
 
 
 @pytest.mark.parametrize("kind", sorted(MODEL_SPECS))
 def test_every_model_kind_reads_its_config_off_its_tensors_and_survives_export(tmp_path, kind):
-    cfg = ClusterCAMConfig(kind=kind, **SMALL)
+    cfg = ClusterCAMConfig(head=kind, **SMALL)
     model = build_model(cfg).eval()
     assert ClusterCAMConfig(**infer_config(model.state_dict())) == cfg
     export_model(model, str(tmp_path / "model"))
-    assert json.loads((tmp_path / "model" / "model.json").read_text())["config"]["kind"] == kind
+    assert json.loads((tmp_path / "model" / "model.json").read_text())["config"]["head"] == kind
     loaded = load_clustercam(str(tmp_path / "model"))
     assert type(loaded) is type(model) and loaded.cfg == cfg
     assert _same_outputs(model, loaded, torch.randn(1, 3, 64, 64))
@@ -204,22 +204,48 @@ def test_an_export_without_a_recorded_kind_is_recognised_from_its_tensors(tmp_pa
     export_model(model, str(tmp_path / "model"))
     meta_path = tmp_path / "model" / "model.json"
     meta = json.loads(meta_path.read_text())
-    del meta["config"]["kind"]  # exported before the field existed
+    del meta["config"]["head"]  # exported before the field existed
     meta_path.write_text(json.dumps(meta))
     loaded = load_clustercam(str(tmp_path / "model"))
-    assert loaded.cfg == model.cfg and loaded.cfg.kind == "authors"
+    assert loaded.cfg == model.cfg and loaded.cfg.head == "authors"
+
+
+def test_an_export_naming_its_kind_under_the_old_field_loads_as_that_head(tmp_path):
+    model = build_clustercam(num_classes=2, embed_dim=48, img_size=64, n_iter=2).eval()
+    export_model(model, str(tmp_path / "model"))
+    meta_path = tmp_path / "model" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["kind"] = meta["config"].pop("head")  # written before the field was renamed
+    meta_path.write_text(json.dumps(meta))
+    assert load_clustercam(str(tmp_path / "model")).cfg == model.cfg
 
 
 def test_a_model_json_naming_an_unknown_kind_is_a_clear_error(tmp_path):
     export_model(build_clustercam(num_classes=2, embed_dim=48, img_size=64), str(tmp_path / "model"))
     meta_path = tmp_path / "model" / "model.json"
     meta = json.loads(meta_path.read_text())
-    meta["config"]["kind"] = "scalable"
+    meta["config"]["head"] = "huge"
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"model'?: unknown model kind 'scalable' \(known: authors\)"):
+    with pytest.raises(CheckpointError, match=r"model'?: unknown model.head 'huge' \(choices: authors, scalable\)"):
         load_clustercam(str(tmp_path / "model"))
 
 
-def test_a_config_naming_an_unknown_kind_is_refused():
-    with pytest.raises(ValueError, match="kind 'scalable' is not a known model kind"):
-        ClusterCAMConfig(kind="scalable")
+def test_a_config_naming_an_unknown_head_is_refused_naming_the_key_and_the_choices():
+    with pytest.raises(ValueError, match=r"model.head 'huge' is not a known head \(choices: authors, scalable\)"):
+        ClusterCAMConfig(head="huge")
+
+
+def test_a_scalable_state_dict_without_model_json_loads_as_the_scalable_head_bit_exactly():
+    model = build_clustercam(num_classes=7, embed_dim=48, img_size=64, head="scalable", head_tokens=2).eval()
+    loaded = load_clustercam(model.state_dict())
+    assert loaded.cfg == model.cfg and loaded.cfg.head == "scalable" and loaded.cfg.head_tokens == 2
+    assert _same_outputs(model, loaded, torch.randn(2, 3, 64, 48))
+    assert torch.equal(model.cam(torch.ones(1, 3, 64, 64)), loaded.cam(torch.ones(1, 3, 64, 64)))
+
+
+def test_imagenet_init_of_the_scalable_head_fills_its_shared_tokens_and_leaves_the_class_layers_fresh():
+    model = build_clustercam(num_classes=30, embed_dim=48, img_size=64, head="scalable", head_tokens=2)
+    deit = _tiny_deit()
+    fresh = set(init_from_deit(model, deit))
+    assert {"head.weight", "cls_head.weight", "cls_head.bias", "decoder.conv6.weight"} <= fresh
+    assert torch.equal(model.cls_token, deit["cls_token"].repeat(1, 2, 1))

@@ -303,7 +303,7 @@ def train_loop_per_worker(config: dict) -> None:
         total_steps,
         position.global_step,
         device,
-        get_spec(cfg.model.kind).loss_terms,
+        get_spec(cfg.model.head).loss_terms,
     )
     if rank == 0:
         log.info(

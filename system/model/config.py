@@ -11,7 +11,11 @@ from system.config import option
 class ClusterCAMConfig:
     """Defaults are the paper's DeiT-S model for PASCAL VOC (`deit_small_MCTformerV2_patch16_224`)."""
 
-    kind: str = option("authors", "network variant, a key of system.model.spec.MODEL_SPECS (authors = the paper's)")
+    head: str = option(
+        "authors",
+        "network variant, a key of system.model.spec.MODEL_SPECS: authors (the paper's: K class tokens, "
+        "C + depth*heads*K head width) | scalable (cost nearly flat in K, for large vocabularies; docs/method.md §a.8)",
+    )
     num_classes: int = option(20, "foreground classes K (VOC 20, COCO 80); one class token each")
     embed_dim: int = option(384, "token width C")
     depth: int = option(12, "number of transformer blocks")
@@ -30,12 +34,17 @@ class ClusterCAMConfig:
     norm_eps: float = option(1e-6, "eps of the block LayerNorms (clustering LayerNorms keep 1e-5)")
     decoder_channels: int = option(512, "width of the LargeFOV segmentation decoder")
     decoder_dilation: int = option(5, "dilation of the LargeFOV 3x3 convolutions")
+    head_tokens: int = option(
+        1, "scalable head only: shared learned tokens the backbone carries in place of the K class tokens"
+    )
 
     def __post_init__(self) -> None:
         from system.model.spec import MODEL_SPECS  # the registry builds networks from this module's configs
 
-        if self.kind not in MODEL_SPECS:
-            raise ValueError(f"kind {self.kind!r} is not a known model kind ({', '.join(MODEL_SPECS)})")
+        if self.head not in MODEL_SPECS:
+            raise ValueError(f"model.head {self.head!r} is not a known head (choices: {', '.join(MODEL_SPECS)})")
+        if self.head_tokens < 1:
+            raise ValueError(f"head_tokens must be >= 1, got {self.head_tokens}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.embed_dim % self.num_heads:
@@ -56,11 +65,17 @@ class ClusterCAMConfig:
         return self.img_size // self.patch_size
 
     @property
+    def num_tokens(self) -> int:
+        """Tokens the backbone carries besides the patches: one per class in the authors' network, the
+        ``head_tokens`` shared ones in the scalable network."""
+        return self.num_classes if self.head == "authors" else self.head_tokens
+
+    @property
     def feature_channels(self) -> int:
-        """Width of FEAT: patch features plus one class->patch attention map per block, head and class.
+        """Width of FEAT: patch features plus one token->patch attention map per block, head and token.
 
         The reference hard-codes 12*6*K here and therefore only runs when every block is a
         clustering block; we collect every block's class->patch attention, which equals the
         reference whenever it runs and is well defined for any st_depth.
         """
-        return self.embed_dim + self.depth * self.num_heads * self.num_classes
+        return self.embed_dim + self.depth * self.num_heads * self.num_tokens

@@ -35,9 +35,9 @@ class P2PRecord(enum.Enum):
 
 
 class Features(NamedTuple):
-    x_cls: torch.Tensor  # (B,K,C) raw class tokens of the last block (the final norm is never applied)
+    x_cls: torch.Tensor  # (B,T,C) raw class tokens of the last block (the final norm is never applied)
     x_patch: torch.Tensor  # (B,N,C) raw patch tokens of the last block
-    c2p: torch.Tensor  # (B,L,h,K,N) mixed class->patch attention of every block
+    c2p: torch.Tensor  # (B,L,h,T,N) mixed class->patch attention of every block
     p2p: torch.Tensor | None  # (B,N,N) for SUM, (L,B,h,N,N) for FULL, None for NONE
     grid: tuple[int, int]  # patch grid (rows r, cols c)
 
@@ -60,15 +60,15 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def token_attention(
-    u: torch.Tensor, qkv: nn.Linear, num_heads: int, num_classes: int, record: P2PRecord
+    u: torch.Tensor, qkv: nn.Linear, num_heads: int, num_tokens: int, record: P2PRecord
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Multi-head self-attention over class + patch tokens.
+    """Multi-head self-attention over class + patch tokens (``num_tokens`` class tokens first).
 
     Returns the merged attention output (before the output projection), the class->patch rows
-    (B,h,K,N) and the patch->patch block (per head, or None when ``record`` is NONE).
+    (B,h,T,N) and the patch->patch block (per head, or None when ``record`` is NONE).
     """
     q, k, v = _split_heads(qkv(u), num_heads)
-    K = num_classes
+    K = num_tokens
     scale = q.shape[-1] ** -0.5
     if record is P2PRecord.NONE:
         out = F.scaled_dot_product_attention(q, k, v)
@@ -109,7 +109,7 @@ class ClusterAttention(nn.Module):
         super().__init__()
         C = cfg.embed_dim
         self.num_heads = cfg.num_heads
-        self.num_classes = cfg.num_classes
+        self.num_tokens = cfg.num_tokens
         self.cell = tuple(cfg.grid)
         self.n_iter = cfg.n_iter
         self.mix_param = nn.Parameter(torch.rand(1))
@@ -125,7 +125,7 @@ class ClusterAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], record: P2PRecord):
         """Returns (standard-attention update, class/patch super-token update, C2P, P2P)."""
-        K = self.num_classes
+        K = self.num_tokens
         out, c2p_std, p2p = token_attention(self.ln_pat(x), self.qkv, self.num_heads, K, record)
         o_std = self.proj(out)
 
@@ -148,12 +148,12 @@ class PlainAttention(nn.Module):
     def __init__(self, cfg: ClusterCAMConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.num_classes = cfg.num_classes
+        self.num_tokens = cfg.num_tokens
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
     def forward(self, u: torch.Tensor, record: P2PRecord):
-        out, c2p, p2p = token_attention(u, self.qkv, self.num_heads, self.num_classes, record)
+        out, c2p, p2p = token_attention(u, self.qkv, self.num_heads, self.num_tokens, record)
         return self.proj(out), c2p, p2p
 
 
@@ -209,11 +209,11 @@ class ClusterCAM(nn.Module):
     def __init__(self, cfg: ClusterCAMConfig):
         super().__init__()
         self.cfg = cfg
-        C, K = cfg.embed_dim, cfg.num_classes
-        self.cls_token = nn.Parameter(torch.zeros(1, K, C))
-        self.pos_embed = nn.Parameter(torch.zeros(1, K + cfg.pos_grid**2, C))
+        C, K, T = cfg.embed_dim, cfg.num_classes, cfg.num_tokens
+        self.cls_token = nn.Parameter(torch.zeros(1, T, C))
+        self.pos_embed = nn.Parameter(torch.zeros(1, T + cfg.pos_grid**2, C))
         self.patch_embed = PatchEmbed(img_size=None, patch_size=cfg.patch_size, in_chans=3, embed_dim=C)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # also under a meta device
         first_st = cfg.depth - cfg.num_st_blocks
         self.blocks = nn.ModuleList(
             (ClusterBlock if i >= first_st else PlainBlock)(cfg, rates[i]) for i in range(cfg.depth)
@@ -250,7 +250,7 @@ class ClusterCAM(nn.Module):
         The authors resample with ``scale_factor=(r+0.1)/G`` rather than ``size=r``; the sample
         positions (and so the values) differ, and checkpoints were trained with theirs.
         """
-        p, K, G = self.cfg.patch_size, self.cfg.num_classes, self.cfg.pos_grid
+        p, K, G = self.cfg.patch_size, self.cfg.num_tokens, self.cfg.pos_grid
         r, c = height // p, width // p
         if r * c == G * G and height == width:
             return self.pos_embed
@@ -268,7 +268,7 @@ class ClusterCAM(nn.Module):
         grid = self.grid_of(x)
         if min(grid) < 1:
             raise ValueError(f"input {H}x{W} is smaller than one {self.cfg.patch_size}-pixel patch")
-        K = self.cfg.num_classes
+        K = self.cfg.num_tokens
         tokens = torch.cat([self.cls_token.expand(B, -1, -1), self.patch_embed(x)], dim=1)
         tokens = tokens + self.interpolate_pos_embed(H, W)
         c2ps, p2ps = [], []
@@ -285,7 +285,7 @@ class ClusterCAM(nn.Module):
         return Features(tokens[:, :K], tokens[:, K:], torch.stack(c2ps, dim=1), p2p_out, grid)
 
     def feature_map(self, feats: Features) -> torch.Tensor:
-        """FEAT (B, C + L*h*K, r, c): patch features, then class->patch maps, channel (block*h+head)*K+k."""
+        """FEAT (B, C + L*h*T, r, c): patch features, then class->patch maps, channel (block*h+head)*T+t."""
         B, N, C = feats.x_patch.shape
         r, c = feats.grid
         patch = feats.x_patch.transpose(1, 2).reshape(B, C, r, c)
@@ -308,10 +308,18 @@ class ClusterCAM(nn.Module):
             return self.decoder(self.feature_map(self.forward_features(x)))
         feats = self.forward_features(x)
         fmap = self.feature_map(feats)
-        cls_logits = feats.x_cls.mean(dim=-1)
+        cls_logits = self.class_logits(feats)
         pat_logits = self.head(fmap).mean(dim=(2, 3))
         segs = self.decoder(fmap) if with_seg else None
         return ClusterCAMOutput(cls_logits, pat_logits, segs)
+
+    def class_logits(self, feats: Features) -> torch.Tensor:
+        """``cls_logits`` (B,K): the mean over channels of each final class token (docs/method.md §a.5)."""
+        return feats.x_cls.mean(dim=-1)
+
+    def cam_gate(self, feats: Features, n_layers: int) -> torch.Tensor:
+        """The CAM's gate (B,K,N): class->patch attention, head mean, last ``n_layers`` summed (§a.7 step 2)."""
+        return feats.c2p[:, -n_layers:].mean(dim=2).sum(dim=1)
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:
         """Only the decoder logits (B,K+1,r,c): what test-time inference needs."""
@@ -327,8 +335,7 @@ class ClusterCAM(nn.Module):
         fmap = self.feature_map(feats)
         cam = F.relu(F.conv2d(fmap, self.head.weight.detach(), None, padding=1))
         B, K, r, c = cam.shape
-        gate = feats.c2p[:, -n_layers:].mean(dim=2).sum(dim=1)  # (B,K,N)
-        cam = gate * cam.flatten(2)
+        cam = self.cam_gate(feats, n_layers) * cam.flatten(2)
         if p2p_refine:
             cam = cam @ feats.p2p.transpose(1, 2)
         return cam.reshape(B, K, r, c)
@@ -339,5 +346,7 @@ def num_parameters(model: nn.Module) -> int:
 
 
 def build_clustercam(cfg: ClusterCAMConfig | None = None, **overrides) -> ClusterCAM:
-    """A freshly initialised model; ``overrides`` are ClusterCAMConfig fields."""
-    return ClusterCAM(dataclasses.replace(cfg or ClusterCAMConfig(), **overrides))
+    """A freshly initialised model of ``head`` (the authors' by default); ``overrides`` are ClusterCAMConfig fields."""
+    from system.model.spec import build_model  # the registry imports this module
+
+    return build_model(dataclasses.replace(cfg or ClusterCAMConfig(), **overrides))

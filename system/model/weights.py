@@ -94,8 +94,8 @@ def read_state_dict(src: str | Mapping) -> dict[str, torch.Tensor]:
 def load_clustercam(src: str | Path | Mapping, **overrides) -> ClusterCAM:
     """A network in eval mode from a path, ``s3://`` URI, exported model dir or state dict.
 
-    Its kind is the one ``model.json`` names, else the one that recognises the tensors (the
-    authors' when none does, whose config reader then names what is missing). The config is read
+    Its kind (``model.head``) is the one ``model.json`` names, else the one that recognises the tensors
+    (the authors' when none does, whose config reader then names what is missing). The config is read
     off the tensors, then ``model.json``'s wins; ``overrides`` set ClusterCAMConfig fields the
     tensors cannot tell (``grid``, ``n_iter``, ``drop_path_rate``, ``decoder_dilation``). Loading is
     strict: every key must match.
@@ -105,13 +105,15 @@ def load_clustercam(src: str | Path | Mapping, **overrides) -> ClusterCAM:
         meta = json.loads(_read_bytes(_join(str(src), MODEL_JSON)))
     sd = read_state_dict(src)
     name = "state dict" if isinstance(src, Mapping) else repr(str(src))
-    saved = meta.get("config", {})
-    kind = overrides.get("kind", saved.get("kind"))
+    saved = dict(meta.get("config", {}))
+    if "kind" in saved:  # exports before the scalable head named the field ``kind``
+        saved.setdefault("head", saved.pop("kind"))
+    kind = overrides.get("head", saved.get("head"))
     try:
         spec = get_spec(kind) if kind is not None else recognise(sd, name) or MODEL_SPECS[DEFAULT_KIND]
     except ValueError as exc:
         raise CheckpointError(f"{name}: {exc}") from exc
-    fields = {**spec.infer_config(sd, name), **saved, **overrides, "kind": spec.kind}
+    fields = {**spec.infer_config(sd, name), **saved, **overrides, "head": spec.kind}
     if "grid" in fields:
         fields["grid"] = tuple(fields["grid"])
     try:
@@ -138,7 +140,7 @@ def export_model(
     state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Write an exported model directory: ``model.safetensors`` then ``model.json`` (last), whose
-    ``config`` records the model's kind and every shape option, so loading it needs no guessing.
+    ``config`` records the model's kind (``head``) and every shape option, so loading it needs no guessing.
 
     ``state_dict`` replaces ``model.state_dict()`` when the weights live elsewhere (e.g. a ZeRO-3
     consolidation); keys are the authors' names either way.
@@ -163,12 +165,13 @@ def export_model(
 def deit_to_clustercam(deit: Mapping[str, torch.Tensor], cfg: ClusterCAMConfig) -> dict[str, torch.Tensor]:
     """Map an ImageNet DeiT/ViT state dict onto ClusterCAM keys (docs/method.md §b.2).
 
-    The single class token (and its position row) is repeated K times; each clustering block's
+    The single class token (and its position row) is repeated once per backbone token (K for the
+    authors' head, ``head_tokens`` for the scalable one); each clustering block's
     four LayerNorms take DeiT's ``norm1``, both qkv projections DeiT's ``attn.qkv`` and both output
-    projections ``attn.proj``; ``proj_st``, ``mix_param``, head and decoder are left out (they keep
+    projections ``attn.proj``; ``proj_st``, ``mix_param``, heads and decoder are left out (they keep
     their fresh initialisation).
     """
-    K, C, G = cfg.num_classes, cfg.embed_dim, cfg.pos_grid
+    K, C, G = cfg.num_tokens, cfg.embed_dim, cfg.pos_grid
     if "cls_token" not in deit or "pos_embed" not in deit:
         raise CheckpointError("DeiT checkpoint lacks cls_token / pos_embed")
     if deit["cls_token"].shape[-1] != C:
