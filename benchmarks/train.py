@@ -64,10 +64,10 @@ def plain_step_times(cfg: TrainConfig, threads: int) -> list[float]:
     times = []
     for step in range(cfg.max_steps):
         t0 = time.perf_counter()
-        images, labels = next(batches)
+        images, labels, known = next(batches)
         lr = learning_rate(cfg.optim, cfg.global_batch, cfg.schedule.epochs, cfg.max_steps, step)
         set_step_hyperparams(optimizer, lr, in_seg_phase(cfg.schedule, 0))
-        loss = micro_batch_losses(model, model, images, labels, 0, cfg.schedule).total
+        loss = micro_batch_losses(model, model, images, labels, 0, cfg.schedule, known=known).total
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -50,6 +50,7 @@ def test_voc_layout_masks_and_xml_labels(tmp_path, s3_root):
         sample = samples[escape_id(sample_id)]
         meta, got_mask, size = inputs.sample_truth(sample)
         assert meta["id"] == sample_id and meta["labels"] == classes and (meta["width"], meta["height"]) == size
+        assert "known" not in meta  # complete labels: every class known, the sample as before
         assert sample["jpg"] == (tmp_path / "VOC2012" / "JPEGImages" / f"{sample_id}.jpg").read_bytes()
         if mask is None:
             assert got_mask is None
@@ -94,7 +95,7 @@ def test_coco_tags_contiguous_classes_and_rasterised_masks(tmp_path, s3_root):
             assert escape_id(sample_id) not in samples
             continue
         meta, got_mask, _ = inputs.sample_truth(samples[escape_id(sample_id)])
-        assert meta["labels"] == sorted(order[cat_ids[k]] for k in classes)
+        assert meta["labels"] == sorted(order[cat_ids[k]] for k in classes) and "known" not in meta
         expected = np.zeros_like(mask)
         for k in classes:
             expected[mask == k + 1] = order[cat_ids[k]] + 1
@@ -304,3 +305,84 @@ def test_cli_config_names_bad_keys(tmp_path):
 def test_unwritable_output_fails_before_any_work(s3_server):
     with pytest.raises(storage.StorageError, match="s3://missing-bucket-x/ds.*does not exist"):
         _ingest("s3://missing-bucket-x/ds", format="synthetic", num_images=3)
+
+
+def _openimages_tree(root, sorted_rows: bool) -> None:
+    """Animal > {Dog, Cat}, Vehicle > Car; one malformed row and one machine label among the rows."""
+    (root / "train").mkdir(parents=True)
+    mids = {"Animal": "/m/a", "Dog": "/m/d", "Cat": "/m/c", "Vehicle": "/m/v", "Car": "/m/r"}
+    (root / "oidv7-class-descriptions.csv").write_text(
+        "LabelName,DisplayName\n" + "".join(f"{m},{n}\n" for n, m in mids.items())
+    )
+    tree = {
+        "LabelName": "/m/0bl9f",
+        "Subcategory": [
+            {"LabelName": "/m/a", "Subcategory": [{"LabelName": "/m/d"}, {"LabelName": "/m/c"}]},
+            {"LabelName": "/m/v", "Subcategory": [{"LabelName": "/m/r"}], "Part": [{"LabelName": "/m/d"}]},
+        ],
+    }
+    (root / "bbox_labels_600_hierarchy.json").write_text(json.dumps(tree))
+    for i, image_id in enumerate(("0a", "0b", "0c")):
+        (root / "train" / f"{image_id}.jpg").write_bytes(inputs.scene(400 + i)[0])
+    rows = [
+        "0a,verification,/m/d,1",
+        "0a,verification,/m/r,0",
+        "0b,verification,/m/a,0",
+        "0b,verification,/m/r,1",
+        "0c,verification,/m/c,1",
+        "0c,verification,/m/d,not-a-number",
+        "0c,machine,/m/v,0.7",
+    ]
+    if not sorted_rows:
+        rows = [rows[4], rows[0], rows[2], rows[5], rows[6], rows[1], rows[3]]
+    (root / "oidv7-train-annotations-human-imagelabels.csv").write_text(
+        "ImageID,Source,LabelName,Confidence\n" + "\n".join(rows) + "\n"
+    )
+
+
+@pytest.mark.parametrize("sorted_rows", [True, False], ids=["sorted", "unsorted"])
+def test_openimages_partial_labels_follow_verified_negatives_and_the_hierarchy(
+    tmp_path, s3_root, monkeypatch, sorted_rows
+):
+    from system.data.sources import openimages
+
+    monkeypatch.setattr(openimages, "SORT_RUN_ROWS", 2)  # an unsorted file is merged from several runs
+    _openimages_tree(tmp_path / "oi", sorted_rows)
+    hierarchy = str(tmp_path / "oi" / "bbox_labels_600_hierarchy.json")
+    info = _ingest(s3_root, format="openimages", path=str(tmp_path / "oi"), hierarchy=hierarchy)
+    assert info.classes == ["Animal", "Dog", "Cat", "Vehicle", "Car"]
+    samples = inputs.read_samples(s3_root)
+    _check_counts(info, samples)
+    meta = {key: json.loads(sample["json"]) for key, sample in samples.items()}
+    # 0a: Dog (so Animal); Car verified absent; Cat and Vehicle unknown
+    assert (meta["0a"]["labels"], meta["0a"]["known"]) == ([0, 1], [0, 1, 4])
+    # 0b: Car (so Vehicle); Animal verified absent, so Dog and Cat are too
+    assert (meta["0b"]["labels"], meta["0b"]["known"]) == ([3, 4], [0, 1, 2, 3, 4])
+    # 0c: Cat (so Animal); the machine label leaves Vehicle unknown, the malformed row is dropped
+    assert (meta["0c"]["labels"], meta["0c"]["known"]) == ([0, 2], [0, 2])
+    rejects = [json.loads(line) for line in storage.get_bytes(storage.join(s3_root, "rejects.jsonl")).splitlines()]
+    line = 2 + (5 if sorted_rows else 3)
+    assert [(r["code"], r["id"], r["where"].rsplit("/", 1)[-1]) for r in rejects] == [
+        ("malformed", "0c", f"oidv7-train-annotations-human-imagelabels.csv:{line}")
+    ]
+
+
+def test_openimages_without_a_hierarchy_keeps_the_rows_as_given_and_reads_classes_from_a_file(tmp_path, s3_root):
+    _openimages_tree(tmp_path / "oi", sorted_rows=True)
+    (tmp_path / "boxable.csv").write_text("/m/r,Car\n/m/d,Dog\n")
+    info = _ingest(s3_root, format="openimages", path=str(tmp_path / "oi"), classes=[f"@{tmp_path / 'boxable.csv'}"])
+    assert info.classes == ["Car", "Dog"]
+    meta = {k: json.loads(s["json"]) for k, s in inputs.read_samples(s3_root).items()}
+    assert (meta["0a"]["labels"], meta["0a"]["known"]) == ([1], [0, 1])  # Dog; Car verified absent
+    assert (meta["0b"]["labels"], meta["0b"]["known"]) == ([0], [0])  # Car; Animal's negative not expanded
+    assert "0c" not in meta and info.rejected.by_code == {"malformed": 1, "no_labels": 1}
+
+
+def test_openimages_csvs_are_found_by_name_or_named_in_the_error(tmp_path):
+    from system.data.sources import build_source
+
+    _openimages_tree(tmp_path / "oi", sorted_rows=True)
+    source = build_source(SourceConfig(format="openimages", path=str(tmp_path / "oi")))
+    assert source.labels_file.endswith("oidv7-train-annotations-human-imagelabels.csv")
+    with pytest.raises(FileNotFoundError, match="set source.labels_file"):
+        build_source(SourceConfig(format="openimages", path=str(tmp_path / "oi"), split="validation"))

@@ -193,11 +193,13 @@ class TrainStep:
         step_losses = StepLossMean(cfg.schedule.seg_loss_weight, self.ranks)
         for micro in range(accum):
             t_data = time.perf_counter()
-            images, labels = next(batches)
+            images, labels, known = next(batches)
             wait += time.perf_counter() - t_data
             torch.manual_seed(step_seed(cfg.seed, self.rank, position.global_step * accum + micro))
-            images, labels = images.to(self.device, self.dtype), labels.to(self.device)
-            losses = micro_batch_losses(engine, engine.module, images, labels, position.epoch, cfg.schedule, self.ranks)
+            images, labels, known = images.to(self.device, self.dtype), labels.to(self.device), known.to(self.device)
+            losses = micro_batch_losses(
+                engine, engine.module, images, labels, position.epoch, cfg.schedule, self.ranks, known
+            )
             engine.backward(losses.total)
             engine.step()
             step_losses.add(losses)

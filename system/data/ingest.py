@@ -1,12 +1,14 @@
 """Source -> shards, as pure functions the Ray pipeline fans out (``workers/ingest.py``).
 
-Planning lists every input once, refuses unusable ids and duplicates, and cuts the rest into
-fixed-size groups in source order: shard *i* always gets the same inputs, whatever ran before. Each
-group's *fingerprint* (format version, source settings, classes, its entries) goes into a small
-record ``_parts/shard-%06d.json`` written right after the shard; a re-run skips a shard whose record
-exists with the same fingerprint, so a killed or repeated ingest redoes only what is missing, and
-changed inputs or settings are never mistaken for done work. Image checks run inside the shard's
-task, so a shard holds at most ``shard_size`` samples (fewer when some are rejected).
+Planning lists every input once, refuses unusable ids and duplicates (by 8-byte id hashes), and
+cuts the rest into fixed-size groups in source order, spooled to a local file (``GroupSpool``) so
+the driver holds per shard an offset and a fingerprint, not the entries: shard *i* always gets the
+same inputs, whatever ran before. Each group's *fingerprint* (format version, source settings,
+classes, its entries) goes into a small record ``_parts/shard-%06d.json`` written right after the
+shard; a re-run skips a shard whose record exists with the same fingerprint, so a killed or
+repeated ingest redoes only what is missing, and changed inputs or settings are never mistaken for
+done work. Image checks run inside the shard's task, so a shard holds at most ``shard_size``
+samples (fewer when some are rejected).
 ``finalize`` writes ``rejects.jsonl`` and then ``dataset.json`` - the file that makes the dataset
 exist - only if their content changed.
 """
@@ -14,8 +16,12 @@ exist - only if their content changed.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import tempfile
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -42,19 +48,98 @@ from system.rejects import Reject
 PARTS_DIR = "_parts"
 
 
+def _entry_record(entry: Entry) -> dict:
+    """An entry as JSON: its fields, leaving out ``negatives`` when unset (complete labels)."""
+    record = vars(entry)  # asdict's deep copies cost more than the JSON
+    return record if entry.negatives is not None else {k: v for k, v in record.items() if k != "negatives"}
+
+
+def _entry_from_record(record: dict) -> Entry:
+    negatives = record.get("negatives")
+    return Entry(
+        record["id"],
+        record["image"],
+        tuple(record["labels"]) if record["labels"] is not None else None,
+        record["extra"],
+        tuple(negatives) if negatives is not None else None,
+    )
+
+
+class GroupSpool:
+    """The planned shard groups, spooled to a local temporary file: one JSON line per group.
+
+    The driver keeps only each group's offset, size and fingerprint, so its memory grows with
+    shards, not images; a group's entries are read back when its task is submitted. A sequence
+    (``len``, indexing, iteration), so callers index groups as they would a list.
+    """
+
+    def __init__(self, class_names: list[str], settings: dict):
+        self.class_names, self.settings = class_names, settings
+        self.file = tempfile.TemporaryFile()
+        self.offsets: list[int] = []
+        self.sizes: list[int] = []
+        self.fingerprints: list[str] = []
+        self._lock = threading.Lock()
+
+    def add(self, entries: list[Entry]) -> None:
+        line = json.dumps([_entry_record(e) for e in entries], sort_keys=True, ensure_ascii=True).encode()
+        with self._lock:
+            self.file.seek(0, io.SEEK_END)
+            self.offsets.append(self.file.tell())
+            self.file.write(line + b"\n")
+        self.sizes.append(len(entries))
+        self.fingerprints.append(fingerprint(entries, self.class_names, self.settings))
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index: int) -> list[Entry]:
+        with self._lock:
+            self.file.seek(self.offsets[index])
+            line = self.file.readline()
+        return [_entry_from_record(r) for r in json.loads(line)]
+
+    def __iter__(self) -> Iterator[list[Entry]]:
+        return (self[i] for i in range(len(self)))
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class SeenIds:
+    """Ids seen so far, as 8-byte hashes in a set: a fraction of the memory of the id strings.
+
+    Two different ids share a hash with probability about n^2 / 2^65 (2e-6 at 9M ids); the later
+    one would then be refused as a duplicate.
+    """
+
+    def __init__(self):
+        self.hashes: set[int] = set()
+
+    def add(self, key: str) -> bool:
+        """Whether ``key`` is new (it is remembered either way)."""
+        digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+        if digest in self.hashes:
+            return False
+        self.hashes.add(digest)
+        return True
+
+
 @dataclass
 class IngestPlan:
-    groups: list[list[Entry]] = field(default_factory=list)
+    groups: GroupSpool
     rejects: list[dict] = field(default_factory=list)
     inputs: int = 0
 
 
-def plan(source: Source, shard_size: int) -> IngestPlan:
+def plan(source: Source, shard_size: int, settings: dict | None = None) -> IngestPlan:
+    """List the source once into groups of ``shard_size`` spooled with their fingerprints
+    (``settings``: the ingest settings a fingerprint covers); unusable ids and duplicates are rejects."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
-    out = IngestPlan()
-    accepted: list[Entry] = []
-    keys: dict[str, str] = {}
+    out = IngestPlan(GroupSpool(source.class_names, settings or {}))
+    group: list[Entry] = []
+    seen = SeenIds()
     for item in source.entries():
         out.inputs += 1
         if isinstance(item, Reject):
@@ -66,14 +151,15 @@ def plan(source: Source, shard_size: int) -> IngestPlan:
             out.rejects.append(Reject(item.id, item.image, "unsafe_id", str(exc)).line())
             continue
         key = escape_id(item.id)
-        if key in keys:
-            out.rejects.append(
-                Reject(item.id, item.image, "duplicate_id", f"duplicate id (first seen at {keys[key]})", key).line()
-            )
+        if not seen.add(key):
+            out.rejects.append(Reject(item.id, item.image, "duplicate_id", "duplicate id (seen earlier)", key).line())
             continue
-        keys[key] = item.image
-        accepted.append(item)
-    out.groups = [accepted[i : i + shard_size] for i in range(0, len(accepted), shard_size)]
+        group.append(item)
+        if len(group) == shard_size:
+            out.groups.add(group)
+            group = []
+    if group:
+        out.groups.add(group)
     return out
 
 
@@ -82,7 +168,7 @@ def fingerprint(entries: list[Entry], class_names: list[str], settings: dict) ->
         "format": [FORMAT_NAME, FORMAT_VERSION],
         "settings": settings,
         "classes": class_names,
-        "entries": [vars(e) for e in entries],  # asdict's deep copies cost more than the JSON
+        "entries": [_entry_record(e) for e in entries],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 

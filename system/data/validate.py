@@ -140,6 +140,8 @@ def sample_members(
         raise BadEntry("no_labels", "no labels")
     members = [(ext, image)]
     meta = {"id": entry.id, "labels": labels, "width": width, "height": height, "source": entry.image}
+    if loaded.negatives is not None:  # partial labels: "known" lists positives and verified negatives
+        meta["known"] = sorted({*labels, *(class_index[n] for n in loaded.negatives if n in class_index)})
     members.append(("json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")))
     mask = loaded.mask
     if mask is not None:
