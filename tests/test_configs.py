@@ -7,19 +7,38 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.ingest import IngestConfig
 from system.config import load_config
 from system.label.config import LabelConfig
 from system.label.infer import Labeller
 from system.model import build_clustercam, export_model, load_clustercam
 from system.training import TrainConfig
+from tests.commands import config_file
 
 TRAIN_CONFIGS = ["voc.yaml", "coco.yaml", "openimages.yaml", "tiny.yaml"]
 
 
+def _config_file(name: str, tmp_path: Path) -> Path:
+    return config_file(Path("configs") / name, tmp_path)
+
+
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
-def test_train_configs_parse(name):
-    cfg = load_config(TrainConfig, Path("configs") / name, ["data=s3://b/d", "output=s3://b"])
+def test_train_configs_parse(name, tmp_path):
+    cfg = load_config(TrainConfig, _config_file(name, tmp_path), ["data=s3://b/d", "output=s3://b"])
     assert cfg.model.num_classes >= 1 and cfg.global_batch >= 1
+
+
+def test_openimages_recipe_is_600_classes_with_partial_labels_on_32_gpus(tmp_path):
+    cfg = load_config(TrainConfig, _config_file("openimages.yaml", tmp_path), ["data=d", "output=o"])
+    assert (cfg.model.num_classes, cfg.schedule.unknown_labels, cfg.num_workers, cfg.global_batch) == (
+        600,
+        "ignore",
+        32,
+        512,
+    )
+    assert "head: scalable" in Path("configs/openimages.yaml").read_text()
+    ingest = load_config(IngestConfig, "configs/openimages-ingest.yaml", ["output=o", "source.path=/data/oi"])
+    assert ingest.source.classes == ["@class-descriptions-boxable.csv"] and ingest.source.hierarchy
 
 
 def test_paper_recipes():

@@ -44,8 +44,8 @@ class SourceConfig:
     classes_file: str = option("", doc="openimages: class descriptions CSV (default: found under path)")
     hierarchy: str = option(
         "",
-        doc="openimages: class hierarchy JSON (bbox_labels_600_hierarchy.json); positives then also tag their "
-        "ancestors and verified negatives their descendants; empty: no expansion",
+        doc="openimages: class hierarchy JSON (bbox_labels_600_hierarchy.json; relative: under path); positives "
+        "then also tag their ancestors and verified negatives their descendants; empty: no expansion",
     )
     exhaustive: list[str] = option(
         factory=list,

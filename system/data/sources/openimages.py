@@ -81,6 +81,11 @@ def _find_classes(root: str) -> str:
     )
 
 
+def _under(root: str, path: str) -> str:
+    """``path`` itself when absolute or a URI, else relative to the dataset root."""
+    return path if storage.is_s3(path) or path.startswith(("/", "file://")) else storage.join(root, path)
+
+
 def _rows(uri: str) -> Iterator[tuple[int, list[str]]]:
     """(line number, row) of a CSV, streamed."""
     with storage.open_read(uri) as raw:
@@ -163,7 +168,7 @@ class OpenImagesSource:
         self._mid_to_name = {mid: names[mid] for mid in mids}
         self.class_names = [names[mid] for mid in mids]
         self._exhaustive = frozenset(mids_of(class_list(cfg.exhaustive, cfg.path), "exhaustive"))
-        self._hierarchy = Hierarchy.load(cfg.hierarchy) if cfg.hierarchy else None
+        self._hierarchy = Hierarchy.load(_under(cfg.path, cfg.hierarchy)) if cfg.hierarchy else None
 
     def _columns(self, header: list[str]) -> tuple[int, int, int]:
         try:
