@@ -306,6 +306,29 @@ def test_csv_manifest_with_pipe_separated_labels_and_relative_paths(tmp_path):
         build_source(SourceConfig(format="manifest", path=str(tmp_path / "bad.csv")))
 
 
+def test_manifest_is_streamed_as_lines_and_entries_is_a_generator(tmp_path, monkeypatch):
+    from system import storage
+
+    lines = [json.dumps({"id": f"i{n}", "image": "a.jpg", "labels": ["cat" if n % 2 else "dog"]}) for n in range(5)]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
+    (tmp_path / "classes.txt").write_text("dog\ncat\nbird\n")
+
+    def whole_file(uri):
+        raise AssertionError(f"{uri} was read whole")
+
+    monkeypatch.setattr(storage, "get_bytes", whole_file)
+    source = build_source(SourceConfig(format="manifest", path=str(tmp_path / "m.jsonl")))
+    entries = source.entries()
+    assert source.class_names == ["cat", "dog"] and iter(entries) is entries
+    items = list(entries)
+    assert [e.id for e in items] == ["i0", "i1", "", "i2", "i3", "i4"]
+    assert items[2].where.endswith("m.jsonl:3") and items[2].code == "malformed"
+    assert [e.id for e in source.entries() if hasattr(e, "labels")] == ["i0", "i1", "i2", "i3", "i4"]
+    monkeypatch.undo()
+    listed = build_source(SourceConfig(format="manifest", path=str(tmp_path / "m.jsonl"), classes=["@classes.txt"]))
+    assert listed.class_names == ["dog", "cat", "bird"]
+
+
 def _dataset_json() -> dict:
     """A ``dataset.json`` as the ingest has always written it, keys in the file's order."""
     return {
