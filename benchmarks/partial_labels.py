@@ -94,6 +94,7 @@ def train(cfg: TrainConfig) -> ClusterCAM:
             images, labels, known = next(batches)
             lr = learning_rate(cfg.optim, cfg.global_batch, cfg.schedule.epochs, steps, epoch * steps + step)
             set_step_hyperparams(optimizer, lr, False)
+            known = known if info.partial_labels else None  # as workers/train.py does
             loss = micro_batch_losses(model, model, images, labels, epoch, cfg.schedule, known=known).total
             optimizer.zero_grad()
             loss.backward()

@@ -215,12 +215,14 @@ def micro_batch_losses(
 
     ``forward`` is the module call (a DeepSpeed engine or the model itself), ``model`` the bare
     module used for the no-grad CAMs; ``ranks`` are the data-parallel ranks whose pixel counts the
-    segmentation loss shares. ``known`` (B,K): partial labels (None or all ones: complete labels,
-    the authors' recipe exactly). With unknown classes the forward runs first, so its class scores
-    can name the unknown classes that look present (their CAM regions are ignored, not background).
+    segmentation loss shares. ``known`` (B,K): the known mask of a dataset with partial labels (None:
+    complete labels, the authors' recipe exactly). With ``unknown_labels=ignore`` the forward then
+    runs first, so its class scores can name the unknown classes that look present (their CAM regions
+    are ignored, not background); the order depends on the config and the dataset only, so every
+    rank runs the same collectives (ZeRO-3 gathers weights in both passes).
     """
     seg_phase = in_seg_phase(cfg, epoch)
-    if known is not None and (cfg.unknown_labels == "negative" or bool(known.all())):
+    if cfg.unknown_labels == "negative":
         known = None
     if known is None:
         pseudo = make_pseudo_labels(model, images, labels, cfg) if seg_phase else None

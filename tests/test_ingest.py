@@ -45,6 +45,7 @@ def test_voc_layout_masks_and_xml_labels(tmp_path, s3_root):
     samples = inputs.read_samples(s3_root)
     _check_counts(info, samples)
     assert info.classes == VOC_CLASSES and info.total_samples == 10 and info.samples_with_masks == 5
+    assert not info.partial_labels and "partial_labels" not in json.loads(info.encode())
     assert [s.name for s in info.shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     for sample_id, (classes, mask) in truth.items():
         sample = samples[escape_id(sample_id)]
@@ -351,6 +352,7 @@ def test_openimages_partial_labels_follow_verified_negatives_and_the_hierarchy(
     hierarchy = str(tmp_path / "oi" / "bbox_labels_600_hierarchy.json")
     info = _ingest(s3_root, format="openimages", path=str(tmp_path / "oi"), hierarchy=hierarchy)
     assert info.classes == ["Animal", "Dog", "Cat", "Vehicle", "Car"]
+    assert read_dataset(s3_root).partial_labels and info.extra == {"partial_labels": 3}
     samples = inputs.read_samples(s3_root)
     _check_counts(info, samples)
     meta = {key: json.loads(sample["json"]) for key, sample in samples.items()}

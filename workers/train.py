@@ -180,9 +180,11 @@ class TrainStep:
         ranks: Ranks,
         device: torch.device,
         dtype: torch.dtype,
+        partial_labels: bool = False,
     ):
         self.cfg, self.engine, self.optimizer, self.steps = cfg, engine, optimizer, steps
         self.rank, self.ranks, self.device, self.dtype = rank, ranks, device, dtype
+        self.partial_labels = partial_labels  # the dataset leaves some classes unknown: pass the known masks on
 
     def __call__(self, batches, position: Position) -> StepStats:
         cfg, engine, accum = self.cfg, self.engine, self.cfg.schedule.grad_accum
@@ -196,7 +198,8 @@ class TrainStep:
             images, labels, known = next(batches)
             wait += time.perf_counter() - t_data
             torch.manual_seed(step_seed(cfg.seed, self.rank, position.global_step * accum + micro))
-            images, labels, known = images.to(self.device, self.dtype), labels.to(self.device), known.to(self.device)
+            images, labels = images.to(self.device, self.dtype), labels.to(self.device)
+            known = known.to(self.device) if self.partial_labels else None
             losses = micro_batch_losses(
                 engine, engine.module, images, labels, position.epoch, cfg.schedule, self.ranks, known
             )
@@ -284,7 +287,9 @@ def train_loop_per_worker(config: dict) -> None:
     checkpointer = Checkpointer(cfg.checkpoint, engine, cfg.run_uri(), rank)
     position = checkpointer.restore().normalized(steps)
     validator = Validator(cfg.validation, cfg.schedule, len(class_names), device, precision.dtype, rank, world)
-    train_step = TrainStep(cfg, engine, optimizer, steps, rank, Ranks.of_process_group(), device, precision.dtype)
+    train_step = TrainStep(
+        cfg, engine, optimizer, steps, rank, Ranks.of_process_group(), device, precision.dtype, info.partial_labels
+    )
     telemetry = StepTelemetry(
         cfg.metrics, rank, total_steps, position.global_step, device, get_spec(cfg.model.kind).loss_terms
     )

@@ -31,6 +31,7 @@ from system.data.shards import (
     DATASET_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
+    PARTIAL_LABELS,
     REJECTS_FILE,
     DatasetInfo,
     RejectCounts,
@@ -212,17 +213,18 @@ def write_shard(source: Source, task: ShardTask) -> dict:
     """Write shard ``task.index`` and then its record; returns the record (counts, sha256, rejects)."""
     class_index = {name: i for i, name in enumerate(task.class_names)}
     rejects: list[dict] = []
-    counts = {"samples": 0, "masks": 0}
+    counts = {"samples": 0, "masks": 0, "partial": 0}
 
     def samples():
         for entry in task.entries:
             try:
-                members, has_mask = _load_sample(source, entry, class_index, task)
+                members, has_mask, partial = _load_sample(source, entry, class_index, task)
             except BadEntry as exc:
                 rejects.append(Reject(entry.id, entry.image, exc.code, str(exc), escape_id(entry.id)).line())
                 continue
             counts["samples"] += 1
             counts["masks"] += int(has_mask)
+            counts["partial"] += int(partial)
             yield escape_id(entry.id), members
 
     name = shard_name(task.index)
@@ -235,6 +237,7 @@ def write_shard(source: Source, task: ShardTask) -> dict:
         "inputs": len(task.entries),
         "samples": counts["samples"],
         "masks": counts["masks"],
+        "partial": counts["partial"],
         "bytes": size,
         "sha256": digest,
         "rejects": rejects,
@@ -268,6 +271,7 @@ def finalize(
         raise RuntimeError(f"{output}: {total} ingested + {len(rejects)} rejected != {inputs} inputs")
     lines = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejects)
     put_if_changed(storage.join(output, REJECTS_FILE), lines.encode("utf-8"))
+    partial = sum(p.get("partial", 0) for p in parts)  # records written before partial labels lack it
     info = DatasetInfo(
         name=name,
         classes=list(class_names),
@@ -278,6 +282,7 @@ def finalize(
         inputs=inputs,
         rejected=RejectCounts(len(rejects), dict(sorted(Counter(r["code"] for r in rejects).items()))),
         source=source_settings,
+        extra={PARTIAL_LABELS: partial} if partial else {},
     )
     put_if_changed(storage.join(output, DATASET_FILE), info.encode())
     return info

@@ -129,8 +129,9 @@ def inspect_image(data: bytes, max_pixels: int, verify: Verify = "structure") ->
 
 def sample_members(
     entry: Entry, loaded: Loaded, class_index: dict[str, int], max_pixels: int, verify: Verify = "structure"
-) -> tuple[list[tuple[str, bytes]], bool]:
-    """The tar members (extension, bytes) of one accepted sample, in a fixed order."""
+) -> tuple[list[tuple[str, bytes]], bool, bool]:
+    """The tar members (extension, bytes) of one accepted sample, in a fixed order; whether it has a
+    mask; whether its labels are partial (it carries ``known``)."""
     ext, image, width, height = inspect_image(loaded.image, max_pixels, verify)
     unknown = [name for name in loaded.labels if name not in class_index]
     if unknown:
@@ -154,4 +155,4 @@ def sample_members(
         if bad:
             raise BadEntry("mask_values", f"mask has values {bad} outside 0..{len(class_index)} and 255")
         members.append(("mask.png", encode_mask(mask)))
-    return members, mask is not None
+    return members, mask is not None, "known" in meta
