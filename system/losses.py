@@ -6,7 +6,7 @@ summed over the ranks that share a global batch (``Ranks``): every pixel of the 
 weighs the same, as in the authors' single-process DataParallel run (docs/method.md §e.19). With one
 process (``ONE_PROCESS``) the two forms are the same number.
 
-Partial labels (OpenImages): ``known`` (B,K) marks the classes whose label is known per image, a
+Partial labels (OpenImages; docs/method.md §b.5): ``known`` (B,K) marks the classes whose label is known per image, a
 positive or a verified negative. An unknown class is neither: it adds nothing to either
 classification loss (its term is masked out, so its logit gets exactly zero gradient) and each
 image's loss is the mean over its known classes. Treating unknowns as negatives would teach the

@@ -308,39 +308,6 @@ def test_unwritable_output_fails_before_any_work(s3_server):
         _ingest("s3://missing-bucket-x/ds", format="synthetic", num_images=3)
 
 
-def _openimages_tree(root, sorted_rows: bool) -> None:
-    """Animal > {Dog, Cat}, Vehicle > Car; one malformed row and one machine label among the rows."""
-    (root / "train").mkdir(parents=True)
-    mids = {"Animal": "/m/a", "Dog": "/m/d", "Cat": "/m/c", "Vehicle": "/m/v", "Car": "/m/r"}
-    (root / "oidv7-class-descriptions.csv").write_text(
-        "LabelName,DisplayName\n" + "".join(f"{m},{n}\n" for n, m in mids.items())
-    )
-    tree = {
-        "LabelName": "/m/0bl9f",
-        "Subcategory": [
-            {"LabelName": "/m/a", "Subcategory": [{"LabelName": "/m/d"}, {"LabelName": "/m/c"}]},
-            {"LabelName": "/m/v", "Subcategory": [{"LabelName": "/m/r"}], "Part": [{"LabelName": "/m/d"}]},
-        ],
-    }
-    (root / "bbox_labels_600_hierarchy.json").write_text(json.dumps(tree))
-    for i, image_id in enumerate(("0a", "0b", "0c")):
-        (root / "train" / f"{image_id}.jpg").write_bytes(inputs.scene(400 + i)[0])
-    rows = [
-        "0a,verification,/m/d,1",
-        "0a,verification,/m/r,0",
-        "0b,verification,/m/a,0",
-        "0b,verification,/m/r,1",
-        "0c,verification,/m/c,1",
-        "0c,verification,/m/d,not-a-number",
-        "0c,machine,/m/v,0.7",
-    ]
-    if not sorted_rows:
-        rows = [rows[4], rows[0], rows[2], rows[5], rows[6], rows[1], rows[3]]
-    (root / "oidv7-train-annotations-human-imagelabels.csv").write_text(
-        "ImageID,Source,LabelName,Confidence\n" + "\n".join(rows) + "\n"
-    )
-
-
 @pytest.mark.parametrize("sorted_rows", [True, False], ids=["sorted", "unsorted"])
 def test_openimages_partial_labels_follow_verified_negatives_and_the_hierarchy(
     tmp_path, s3_root, monkeypatch, sorted_rows
@@ -348,7 +315,7 @@ def test_openimages_partial_labels_follow_verified_negatives_and_the_hierarchy(
     from system.data.sources import openimages
 
     monkeypatch.setattr(openimages, "SORT_RUN_ROWS", 2)  # an unsorted file is merged from several runs
-    _openimages_tree(tmp_path / "oi", sorted_rows)
+    inputs.make_openimages_partial(tmp_path / "oi", sorted_rows)
     hierarchy = str(tmp_path / "oi" / "bbox_labels_600_hierarchy.json")
     info = _ingest(s3_root, format="openimages", path=str(tmp_path / "oi"), hierarchy=hierarchy)
     assert info.classes == ["Animal", "Dog", "Cat", "Vehicle", "Car"]
@@ -370,7 +337,7 @@ def test_openimages_partial_labels_follow_verified_negatives_and_the_hierarchy(
 
 
 def test_openimages_without_a_hierarchy_keeps_the_rows_as_given_and_reads_classes_from_a_file(tmp_path, s3_root):
-    _openimages_tree(tmp_path / "oi", sorted_rows=True)
+    inputs.make_openimages_partial(tmp_path / "oi", sorted_rows=True)
     (tmp_path / "boxable.csv").write_text("/m/r,Car\n/m/d,Dog\n")
     info = _ingest(s3_root, format="openimages", path=str(tmp_path / "oi"), classes=[f"@{tmp_path / 'boxable.csv'}"])
     assert info.classes == ["Car", "Dog"]
@@ -383,7 +350,7 @@ def test_openimages_without_a_hierarchy_keeps_the_rows_as_given_and_reads_classe
 def test_openimages_csvs_are_found_by_name_or_named_in_the_error(tmp_path):
     from system.data.sources import build_source
 
-    _openimages_tree(tmp_path / "oi", sorted_rows=True)
+    inputs.make_openimages_partial(tmp_path / "oi", sorted_rows=True)
     source = build_source(SourceConfig(format="openimages", path=str(tmp_path / "oi")))
     assert source.labels_file.endswith("oidv7-train-annotations-human-imagelabels.csv")
     with pytest.raises(FileNotFoundError, match="set source.labels_file"):

@@ -393,3 +393,17 @@ def test_a_dataset_json_that_is_not_json_names_the_file(tmp_path):
     (tmp_path / "dataset.json").write_text("{not json")
     with pytest.raises(shards.DatasetFileError, match=f"{tmp_path / 'dataset.json'}: not valid JSON"):
         shards.read_dataset(str(tmp_path))
+
+
+def test_openimages_exhaustive_classes_are_negatives_wherever_they_are_not_tagged(tmp_path):
+    from tests.ingest_inputs import make_openimages_partial
+
+    make_openimages_partial(tmp_path, sorted_rows=True)
+    source = build_source(SourceConfig(format="openimages", path=str(tmp_path), exhaustive=["Vehicle", "/m/d"]))
+    entries = {e.id: e for e in source.entries() if hasattr(e, "negatives")}
+    assert entries["0a"].labels == ("Dog",) and set(entries["0a"].negatives) == {"Car", "Vehicle"}
+    assert set(entries["0c"].negatives) == {"Dog", "Vehicle"}  # not verified there, but declared complete
+    loaded = source.load(entries["0a"])
+    assert loaded.negatives == entries["0a"].negatives
+    with pytest.raises(ValueError, match="source.exhaustive"):
+        build_source(SourceConfig(format="openimages", path=str(tmp_path), exhaustive=["Unicorn"]))
