@@ -109,7 +109,7 @@ def train(cfg: TrainConfig, total_samples: int) -> torch.nn.Module:
     steps = total_samples // cfg.global_batch
     step = 0
     for epoch in range(cfg.schedule.epochs):
-        for images, labels in train_loader(cfg.data, 0, 1, stream_config(cfg, steps), epoch=epoch):
+        for images, labels, _ in train_loader(cfg.data, 0, 1, stream_config(cfg, steps), epoch=epoch):
             lr = learning_rate(cfg.optim, cfg.global_batch, cfg.schedule.epochs, steps, step)
             set_step_hyperparams(optimizer, lr, in_seg_phase(cfg.schedule, epoch))
             loss = micro_batch_losses(model, model, images, labels, epoch, cfg.schedule).total

@@ -114,7 +114,7 @@ def main() -> None:
                 batches = iter(train_loader(uri, 0, 1, cfg))
                 next(batches)
                 t1, c1 = time.perf_counter(), clock.now()  # workers up, first batch out: the per-epoch start-up
-                seen = sum(images.shape[0] for images, _ in batches)
+                seen = sum(images.shape[0] for images, _, _ in batches)
                 return seen / (time.perf_counter() - t1), seen / (clock.now() - c1), t1 - t0, c1 - c0
 
             for augment in ("none", "light", "paper"):

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from system.config import load_config
+from system.data.shards import read_dataset
 from system.data.stream import train_loader
 from system.model import ClusterCAM
 from system.optim import adamw, learning_rate, set_step_hyperparams
@@ -60,14 +61,15 @@ def plain_step_times(cfg: TrainConfig, threads: int) -> list[float]:
     torch.manual_seed(cfg.seed)
     model = ClusterCAM(cfg.model).train()
     optimizer = adamw(model, cfg.optim, lr=0.0)
+    partial = read_dataset(cfg.data).partial_labels
     batches = iter(train_loader(cfg.data, 0, 1, stream_config(cfg, cfg.max_steps)))
     times = []
     for step in range(cfg.max_steps):
         t0 = time.perf_counter()
-        images, labels = next(batches)
+        images, labels, known = next(batches)
         lr = learning_rate(cfg.optim, cfg.global_batch, cfg.schedule.epochs, cfg.max_steps, step)
         set_step_hyperparams(optimizer, lr, in_seg_phase(cfg.schedule, 0))
-        loss = micro_batch_losses(model, model, images, labels, 0, cfg.schedule).total
+        loss = micro_batch_losses(model, model, images, labels, 0, cfg.schedule, known=known if partial else None).total
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

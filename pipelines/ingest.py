@@ -75,28 +75,37 @@ def run(cfg: IngestConfig) -> DatasetInfo:
     if cfg.source.path and "{" not in cfg.source.path:  # a brace pattern's tars are opened one by one
         storage.check_readable(cfg.source.path)
     source = build_source(cfg.source)
-    work = ingest.plan(source, cfg.shard_size)
     settings = {"source": to_dict(cfg.source), "max_pixels": cfg.max_pixels, "verify": cfg.verify}
-    tasks = [
-        ingest.ShardTask(
-            i,
-            group,
+    work = ingest.plan(source, cfg.shard_size, settings)
+    try:
+        return _write(cfg, output, source, work)
+    finally:
+        work.groups.close()
+
+
+def _write(cfg: IngestConfig, output: str, source, work: ingest.IngestPlan) -> DatasetInfo:
+    """Write the planned shards that are not done yet, then the dataset's records."""
+    groups = work.groups
+
+    def task(index: int) -> ingest.ShardTask:
+        return ingest.ShardTask(
+            index,
+            groups[index],
             output,
             source.class_names,
-            ingest.fingerprint(group, source.class_names, settings),
+            groups.fingerprints[index],
             cfg.max_pixels,
             cfg.verify,
             cfg.load_threads,
         )
-        for i, group in enumerate(work.groups)
-    ]
+
     ingest.put_if_changed(storage.join(output, "ingest.yaml"), dump_yaml(cfg).encode())
 
     def done_before(index: int) -> dict | None:
         record = ingest.read_part(output, index)
         if (
             record
-            and record.get("fingerprint") == tasks[index].fingerprint
+            and record.get("fingerprint") == groups.fingerprints[index]
             and storage.exists(storage.join(output, shard_name(index)))
         ):
             return record
@@ -115,7 +124,7 @@ def run(cfg: IngestConfig) -> DatasetInfo:
     )
     run_name = cfg.name or output.rsplit("/", 1)[-1]
     metrics = ingest_metrics()
-    todo_inputs = sum(len(tasks[i].entries) for i in todo)
+    todo_inputs = sum(groups.sizes[i] for i in todo)
     metrics.inputs.labels(run_name).set(work.inputs)
     metrics.done_inputs.labels(run_name).inc(work.inputs - todo_inputs)
     for reject in work.rejects:
@@ -141,7 +150,7 @@ def run(cfg: IngestConfig) -> DatasetInfo:
         lost = fan_out(
             todo,
             range(cfg.num_workers),
-            lambda _, i: ingest_shard.remote(source_ref, tasks[i]),
+            lambda _, i: ingest_shard.remote(source_ref, task(i)),
             done,
             attempts=cfg.shard_attempts,
             name=shard_name,

@@ -5,6 +5,13 @@ The segmentation loss is written as sums and pixel counts, and ``clustercam_loss
 summed over the ranks that share a global batch (``Ranks``): every pixel of the global batch then
 weighs the same, as in the authors' single-process DataParallel run (docs/method.md §e.19). With one
 process (``ONE_PROCESS``) the two forms are the same number.
+
+Partial labels (OpenImages; docs/method.md §b.5): ``known`` (B,K) marks the classes whose label is known per image, a
+positive or a verified negative. An unknown class is neither: it adds nothing to either
+classification loss (its term is masked out, so its logit gets exactly zero gradient) and each
+image's loss is the mean over its known classes. Treating unknowns as negatives would teach the
+classifier that every unverified object is absent, and suppress the CAMs of exactly those objects.
+Without ``known`` every class is known and the loss is the authors' MultiLabelSoftMargin.
 """
 
 from __future__ import annotations
@@ -64,9 +71,15 @@ class Ranks:
 ONE_PROCESS = Ranks()
 
 
-def multilabel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """MultiLabelSoftMargin: per-class BCE-with-logits, mean over classes and batch."""
-    return F.multilabel_soft_margin_loss(logits.float(), labels.float())
+def multilabel_loss(logits: torch.Tensor, labels: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+    """MultiLabelSoftMargin: per-class BCE-with-logits, mean over classes and batch; with ``known``,
+    mean over each image's known classes only (an image with none adds 0)."""
+    if known is None:
+        return F.multilabel_soft_margin_loss(logits.float(), labels.float())
+    per_class = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+    mask = known.to(per_class.dtype)
+    per_image = (per_class * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+    return per_image.mean()
 
 
 def seg_loss_terms(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> SegLossTerms:
@@ -109,14 +122,16 @@ def clustercam_loss(
     pseudo: torch.Tensor | None = None,
     seg_weight: float = SEG_LOSS_WEIGHT,
     ranks: Ranks = ONE_PROCESS,
+    known: torch.Tensor | None = None,
 ) -> Losses:
     """L = L_cls + L_pat (+ ``seg_weight`` L_seg once pseudo labels exist); ``segs`` at decoder resolution.
 
     The pixel counts are summed over ``ranks`` before they divide, and the factor ``ranks.size`` on
-    this rank's segmentation term undoes the gradient averaging of data parallelism.
+    this rank's segmentation term undoes the gradient averaging of data parallelism. ``known``: the
+    partial-label mask (None: every class known).
     """
-    cls = multilabel_loss(cls_logits, labels)
-    pat = multilabel_loss(pat_logits, labels)
+    cls = multilabel_loss(cls_logits, labels, known)
+    pat = multilabel_loss(pat_logits, labels, known)
     if segs is None or pseudo is None:
         return Losses(cls + pat, cls.detach(), pat.detach(), None)
     terms = seg_loss_terms(upsample_segs(segs, tuple(pseudo.shape[-2:])), pseudo)

@@ -155,15 +155,24 @@ def pseudo_labels(
     bg_threshold: float = 0.4,
     ignore_delta: float = 0.1,
     par: PAR | None = None,
+    unverified: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PAR-refined pseudo labels (B,H,W) int64 in {0..K, 255} (docs/method.md §b.6-b.7).
 
     Foreground where a class beats the ``bg_threshold + ignore_delta`` background; background only
     where the background wins even at ``bg_threshold - ignore_delta``; 255 in between.
+
+    ``unverified`` (B,K), partial labels: classes whose label is unknown but which the classifier
+    finds present. They are never foreground (not tags), but neither is their object background: a
+    pixel that would be background where such a class's CAM passes the low threshold is ignored, so
+    the segmentation head is not taught that an unverified object is absent.
     """
     valid = cam_to_label(cams, cls_labels)
     high, low = refine_with_background(
         images01, valid, cls_labels, (bg_threshold + ignore_delta, bg_threshold - ignore_delta), par
     )
     labels = high.masked_fill(high == 0, IGNORE_INDEX)
-    return labels.masked_fill((high == 0) & (low == 0), 0)
+    background = (high == 0) & (low == 0)
+    if unverified is not None:
+        background &= cam_to_label(cams, unverified).amax(dim=1) < bg_threshold - ignore_delta
+    return labels.masked_fill(background, 0)

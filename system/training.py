@@ -49,6 +49,12 @@ class ScheduleConfig:
     bg_threshold: float = option(0.4, "background threshold of the pseudo labels (VOC 0.40, COCO 0.43)")
     ignore_delta: float = option(0.1, "half-width of the ignored band around bg_threshold")
     seg_loss_weight: float = option(SEG_LOSS_WEIGHT, "weight of the segmentation loss")
+    unknown_labels: Literal["ignore", "negative"] = option(
+        "ignore",
+        "partial labels (a sample's known classes, e.g. OpenImages'): ignore = an unknown class adds nothing to the "
+        "classification losses and its CAM regions are not background; negative = count it as absent (the plain "
+        "multi-label loss); datasets with complete labels train the same either way",
+    )
 
 
 @dataclasses.dataclass
@@ -170,11 +176,19 @@ def _cams(model: ClusterCAM, images: torch.Tensor, cfg: ScheduleConfig, train_mo
 
 
 def make_pseudo_labels(
-    model: ClusterCAM, images: torch.Tensor, labels: torch.Tensor, cfg: ScheduleConfig
+    model: ClusterCAM,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: ScheduleConfig,
+    unverified: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """docs/method.md §b.3 step 2: multi-scale CAM (no grad) -> label-masked -> PAR pseudo labels."""
+    """docs/method.md §b.3 step 2: multi-scale CAM (no grad) -> label-masked -> PAR pseudo labels.
+
+    ``unverified``: unknown classes the classifier finds present (partial labels), whose CAM regions
+    are ignored rather than background.
+    """
     cams = _cams(model, images, cfg, cfg.cam_train_mode)
-    return pseudo_labels(denormalize(images), cams, labels, cfg.bg_threshold, cfg.ignore_delta)
+    return pseudo_labels(denormalize(images), cams, labels, cfg.bg_threshold, cfg.ignore_delta, unverified=unverified)
 
 
 def cam_labels(model: ClusterCAM, images: torch.Tensor, labels: torch.Tensor, cfg: ScheduleConfig) -> torch.Tensor:
@@ -195,17 +209,29 @@ def micro_batch_losses(
     epoch: int,
     cfg: ScheduleConfig,
     ranks: Ranks = ONE_PROCESS,
+    known: torch.Tensor | None = None,
 ) -> Losses:
     """One micro-batch: pseudo labels in the segmentation phase, the forward, and ``clustercam_loss``.
 
     ``forward`` is the module call (a DeepSpeed engine or the model itself), ``model`` the bare
     module used for the no-grad CAMs; ``ranks`` are the data-parallel ranks whose pixel counts the
-    segmentation loss shares.
+    segmentation loss shares. ``known`` (B,K): the known mask of a dataset with partial labels (None:
+    complete labels, the authors' recipe exactly). With ``unknown_labels=ignore`` the forward then
+    runs first, so its class scores can name the unknown classes that look present (their CAM regions
+    are ignored, not background); the order depends on the config and the dataset only, so every
+    rank runs the same collectives (ZeRO-3 gathers weights in both passes).
     """
     seg_phase = in_seg_phase(cfg, epoch)
-    pseudo = make_pseudo_labels(model, images, labels, cfg) if seg_phase else None
-    out = forward(images, with_seg=seg_phase)
-    return clustercam_loss(out.cls_logits, out.pat_logits, labels, out.segs, pseudo, cfg.seg_loss_weight, ranks)
+    if cfg.unknown_labels == "negative":
+        known = None
+    if known is None:
+        pseudo = make_pseudo_labels(model, images, labels, cfg) if seg_phase else None
+        out = forward(images, with_seg=seg_phase)
+    else:
+        out = forward(images, with_seg=seg_phase)
+        unverified = (known == 0) & (out.cls_logits.detach() > 0)
+        pseudo = make_pseudo_labels(model, images, labels, cfg, unverified) if seg_phase else None
+    return clustercam_loss(out.cls_logits, out.pat_logits, labels, out.segs, pseudo, cfg.seg_loss_weight, ranks, known)
 
 
 def step_seed(seed: int, rank: int, micro_step: int) -> int:

@@ -60,5 +60,6 @@ def check_entry_point(module: str, args: list[str], app_dir: str = "/app/") -> N
     if config is not None:
         config = config.removeprefix(app_dir)
         assert (REPO / config).is_file(), f"{module}: config file {config} is not in the repository"
-        config = str(REPO / config)
+        load_config(ENTRY_CONFIGS[module], str(REPO / config), overrides)
+        return
     load_config(ENTRY_CONFIGS[module], config, overrides)

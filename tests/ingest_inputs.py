@@ -120,6 +120,39 @@ def make_openimages(root: Path, n: int = 8) -> dict:
     return truth
 
 
+def make_openimages_partial(root: Path, sorted_rows: bool) -> None:
+    """Animal > {Dog, Cat}, Vehicle > Car; one malformed row and one machine label among the rows."""
+    (root / "train").mkdir(parents=True)
+    mids = {"Animal": "/m/a", "Dog": "/m/d", "Cat": "/m/c", "Vehicle": "/m/v", "Car": "/m/r"}
+    (root / "oidv7-class-descriptions.csv").write_text(
+        "LabelName,DisplayName\n" + "".join(f"{m},{n}\n" for n, m in mids.items())
+    )
+    tree = {
+        "LabelName": "/m/0bl9f",
+        "Subcategory": [
+            {"LabelName": "/m/a", "Subcategory": [{"LabelName": "/m/d"}, {"LabelName": "/m/c"}]},
+            {"LabelName": "/m/v", "Subcategory": [{"LabelName": "/m/r"}], "Part": [{"LabelName": "/m/d"}]},
+        ],
+    }
+    (root / "bbox_labels_600_hierarchy.json").write_text(json.dumps(tree))
+    for i, image_id in enumerate(("0a", "0b", "0c")):
+        (root / "train" / f"{image_id}.jpg").write_bytes(scene(400 + i)[0])
+    rows = [
+        "0a,verification,/m/d,1",
+        "0a,verification,/m/r,0",
+        "0b,verification,/m/a,0",
+        "0b,verification,/m/r,1",
+        "0c,verification,/m/c,1",
+        "0c,verification,/m/d,not-a-number",
+        "0c,machine,/m/v,0.7",
+    ]
+    if not sorted_rows:
+        rows = [rows[4], rows[0], rows[2], rows[5], rows[6], rows[1], rows[3]]
+    (root / "oidv7-train-annotations-human-imagelabels.csv").write_text(
+        "ImageID,Source,LabelName,Confidence\n" + "\n".join(rows) + "\n"
+    )
+
+
 def read_samples(uri: str) -> dict[str, dict]:
     """Every sample of a dataset as {key: {ext: bytes}}, read straight from the tars."""
     info = read_dataset(uri)

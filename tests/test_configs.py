@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.ingest import IngestConfig
 from system.config import load_config
 from system.label.config import LabelConfig
 from system.label.infer import Labeller
@@ -17,9 +18,22 @@ TRAIN_CONFIGS = ["voc.yaml", "coco.yaml", "openimages.yaml", "tiny.yaml"]
 
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
-def test_train_configs_parse(name):
+def test_train_configs_parse(name, tmp_path):
     cfg = load_config(TrainConfig, Path("configs") / name, ["data=s3://b/d", "output=s3://b"])
     assert cfg.model.num_classes >= 1 and cfg.global_batch >= 1
+
+
+def test_openimages_recipe_is_600_classes_with_partial_labels_on_32_gpus(tmp_path):
+    cfg = load_config(TrainConfig, Path("configs") / "openimages.yaml", ["data=d", "output=o"])
+    assert (cfg.model.num_classes, cfg.schedule.unknown_labels, cfg.num_workers, cfg.global_batch) == (
+        600,
+        "ignore",
+        32,
+        512,
+    )
+    assert cfg.model.head == "scalable"
+    ingest = load_config(IngestConfig, "configs/openimages-ingest.yaml", ["output=o", "source.path=/data/oi"])
+    assert ingest.source.classes == ["@class-descriptions-boxable.csv"] and ingest.source.hierarchy
 
 
 def test_paper_recipes():

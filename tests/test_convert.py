@@ -94,7 +94,7 @@ def _rotated_jpeg() -> tuple[bytes, np.ndarray]:
 
 def test_an_exif_rotated_jpeg_is_stored_upright_with_its_mask_turned_the_same_way():
     data, mask = _rotated_jpeg()
-    members, has_mask = sample_members(Entry("r", "r.jpg", ("a",)), Loaded(data, mask, ("a",)), {"a": 0}, 10**6)
+    members, has_mask, _ = sample_members(Entry("r", "r.jpg", ("a",)), Loaded(data, mask, ("a",)), {"a": 0}, 10**6)
     stored = dict(members)
     meta = json.loads(stored["json"])
     assert has_mask and meta["converted"] == ["exif:rotate90"] and (meta["width"], meta["height"]) == (20, 40)

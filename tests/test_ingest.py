@@ -45,11 +45,13 @@ def test_voc_layout_masks_and_xml_labels(tmp_path, s3_root):
     samples = inputs.read_samples(s3_root)
     _check_counts(info, samples)
     assert info.classes == VOC_CLASSES and info.total_samples == 10 and info.samples_with_masks == 5
+    assert not info.partial_labels and "partial_labels" not in json.loads(info.encode())
     assert [s.name for s in info.shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     for sample_id, (classes, mask) in truth.items():
         sample = samples[escape_id(sample_id)]
         meta, got_mask, size = inputs.sample_truth(sample)
         assert meta["id"] == sample_id and meta["labels"] == classes and (meta["width"], meta["height"]) == size
+        assert "known" not in meta  # complete labels: every class known, the sample as before
         assert sample["jpg"] == (tmp_path / "VOC2012" / "JPEGImages" / f"{sample_id}.jpg").read_bytes()
         if mask is None:
             assert got_mask is None
@@ -94,7 +96,7 @@ def test_coco_tags_contiguous_classes_and_rasterised_masks(tmp_path, s3_root):
             assert escape_id(sample_id) not in samples
             continue
         meta, got_mask, _ = inputs.sample_truth(samples[escape_id(sample_id)])
-        assert meta["labels"] == sorted(order[cat_ids[k]] for k in classes)
+        assert meta["labels"] == sorted(order[cat_ids[k]] for k in classes) and "known" not in meta
         expected = np.zeros_like(mask)
         for k in classes:
             expected[mask == k + 1] = order[cat_ids[k]] + 1
@@ -314,3 +316,52 @@ def test_cli_config_names_bad_keys(tmp_path):
 def test_unwritable_output_fails_before_any_work(s3_server):
     with pytest.raises(storage.StorageError, match="s3://missing-bucket-x/ds.*does not exist"):
         _ingest("s3://missing-bucket-x/ds", format="synthetic", num_images=3)
+
+
+@pytest.mark.parametrize("sorted_rows", [True, False], ids=["sorted", "unsorted"])
+def test_openimages_partial_labels_follow_verified_negatives_and_the_hierarchy(
+    tmp_path, s3_root, monkeypatch, sorted_rows
+):
+    from system.data.sources import openimages
+
+    monkeypatch.setattr(openimages, "SORT_RUN_ROWS", 2)  # an unsorted file is merged from several runs
+    inputs.make_openimages_partial(tmp_path / "oi", sorted_rows)
+    hierarchy = str(tmp_path / "oi" / "bbox_labels_600_hierarchy.json")
+    info = _ingest(s3_root, format="openimages", path=str(tmp_path / "oi"), hierarchy=hierarchy)
+    assert info.classes == ["Animal", "Dog", "Cat", "Vehicle", "Car"]
+    assert read_dataset(s3_root).partial_labels and info.extra == {"partial_labels": 3}
+    samples = inputs.read_samples(s3_root)
+    _check_counts(info, samples)
+    meta = {key: json.loads(sample["json"]) for key, sample in samples.items()}
+    # 0a: Dog (so Animal); Car verified absent; Cat and Vehicle unknown
+    assert (meta["0a"]["labels"], meta["0a"]["known"]) == ([0, 1], [0, 1, 4])
+    # 0b: Car (so Vehicle); Animal verified absent, so Dog and Cat are too
+    assert (meta["0b"]["labels"], meta["0b"]["known"]) == ([3, 4], [0, 1, 2, 3, 4])
+    # 0c: Cat (so Animal); the machine label leaves Vehicle unknown, the malformed row is dropped
+    assert (meta["0c"]["labels"], meta["0c"]["known"]) == ([0, 2], [0, 2])
+    rejects = [json.loads(line) for line in storage.get_bytes(storage.join(s3_root, "rejects.jsonl")).splitlines()]
+    line = 2 + (5 if sorted_rows else 3)
+    assert [(r["code"], r["id"], r["where"].rsplit("/", 1)[-1]) for r in rejects] == [
+        ("malformed", "0c", f"oidv7-train-annotations-human-imagelabels.csv:{line}")
+    ]
+
+
+def test_openimages_without_a_hierarchy_keeps_the_rows_as_given_and_reads_classes_from_a_file(tmp_path, s3_root):
+    inputs.make_openimages_partial(tmp_path / "oi", sorted_rows=True)
+    (tmp_path / "boxable.csv").write_text("/m/r,Car\n/m/d,Dog\n")
+    info = _ingest(s3_root, format="openimages", path=str(tmp_path / "oi"), classes=[f"@{tmp_path / 'boxable.csv'}"])
+    assert info.classes == ["Car", "Dog"]
+    meta = {k: json.loads(s["json"]) for k, s in inputs.read_samples(s3_root).items()}
+    assert (meta["0a"]["labels"], meta["0a"]["known"]) == ([1], [0, 1])  # Dog; Car verified absent
+    assert (meta["0b"]["labels"], meta["0b"]["known"]) == ([0], [0])  # Car; Animal's negative not expanded
+    assert "0c" not in meta and info.rejected.by_code == {"malformed": 1, "no_labels": 1}
+
+
+def test_openimages_csvs_are_found_by_name_or_named_in_the_error(tmp_path):
+    from system.data.sources import build_source
+
+    inputs.make_openimages_partial(tmp_path / "oi", sorted_rows=True)
+    source = build_source(SourceConfig(format="openimages", path=str(tmp_path / "oi")))
+    assert source.labels_file.endswith("oidv7-train-annotations-human-imagelabels.csv")
+    with pytest.raises(FileNotFoundError, match="set source.labels_file"):
+        build_source(SourceConfig(format="openimages", path=str(tmp_path / "oi"), split="validation"))

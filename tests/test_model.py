@@ -218,3 +218,44 @@ def test_the_scalable_head_trains():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_unknown_classes_get_exactly_zero_gradient_and_add_nothing_to_the_loss():
+    torch.manual_seed(0)
+    cls_logits = torch.randn(3, 5, requires_grad=True)
+    pat_logits = torch.randn(3, 5, requires_grad=True)
+    labels = torch.tensor([[1, 0, 0, 1, 0], [0, 1, 0, 0, 0], [1, 1, 0, 0, 1]], dtype=torch.float32)
+    known = torch.ones(3, 5)
+    known[0, 2] = known[1, 4] = known[2, 3] = 0.0  # one unknown class per image
+    losses = clustercam_loss(cls_logits, pat_logits, labels, known=known)
+    losses.total.backward()
+    for logits in (cls_logits, pat_logits):
+        assert logits.grad[known == 0].eq(0).all()
+        assert logits.grad[known == 1].ne(0).all()
+    # whatever the unknown classes' labels or logits, the loss is the same
+    flipped = clustercam_loss(
+        cls_logits.detach() + 9 * (1 - known), pat_logits.detach(), labels.masked_fill(known == 0, 1.0), known=known
+    )
+    assert torch.equal(flipped.total, losses.total.detach())
+
+
+def test_all_known_partial_loss_equals_the_authors_loss():
+    torch.manual_seed(1)
+    cls_logits, pat_logits = torch.randn(4, 6), torch.randn(4, 6)
+    labels = (torch.rand(4, 6) > 0.5).float()
+    authors = clustercam_loss(cls_logits, pat_logits, labels).total
+    assert torch.allclose(clustercam_loss(cls_logits, pat_logits, labels, known=torch.ones(4, 6)).total, authors)
+
+
+def test_unverified_present_classes_turn_their_background_into_ignore():
+    images01 = torch.full((1, 3, 32, 32), 0.5)
+    images01[0, 0, :, :8] = 1.0  # a red object on the left, the rest flat grey
+    cams = torch.zeros(1, 3, 32, 32)
+    cams[0, 0, :, :8] = 1.0  # the tagged class on the left
+    cams[0, 2, 20:, 20:] = 1.0  # an unknown class the classifier finds present, bottom right
+    labels = torch.tensor([[1.0, 0.0, 0.0]])
+    plain = pseudo_labels(images01, cams, labels)
+    partial = pseudo_labels(images01, cams, labels, unverified=torch.tensor([[False, False, True]]))
+    assert (plain[0, 24:, 24:] == 0).all()  # counted as background without partial labels
+    assert (partial[0, 24:, 24:] == 255).all()
+    assert torch.equal(partial[0, :, :8], plain[0, :, :8])

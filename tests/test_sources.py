@@ -244,6 +244,29 @@ def test_csv_manifest_with_pipe_separated_labels_and_relative_paths(tmp_path):
         build_source(SourceConfig(format="manifest", path=str(tmp_path / "bad.csv")))
 
 
+def test_manifest_is_streamed_as_lines_and_entries_is_a_generator(tmp_path, monkeypatch):
+    from system import storage
+
+    lines = [json.dumps({"id": f"i{n}", "image": "a.jpg", "labels": ["cat" if n % 2 else "dog"]}) for n in range(5)]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
+    (tmp_path / "classes.txt").write_text("dog\ncat\nbird\n")
+
+    def whole_file(uri):
+        raise AssertionError(f"{uri} was read whole")
+
+    monkeypatch.setattr(storage, "get_bytes", whole_file)
+    source = build_source(SourceConfig(format="manifest", path=str(tmp_path / "m.jsonl")))
+    entries = source.entries()
+    assert source.class_names == ["cat", "dog"] and iter(entries) is entries
+    items = list(entries)
+    assert [e.id for e in items] == ["i0", "i1", "", "i2", "i3", "i4"]
+    assert items[2].where.endswith("m.jsonl:3") and items[2].code == "malformed"
+    assert [e.id for e in source.entries() if hasattr(e, "labels")] == ["i0", "i1", "i2", "i3", "i4"]
+    monkeypatch.undo()
+    listed = build_source(SourceConfig(format="manifest", path=str(tmp_path / "m.jsonl"), classes=["@classes.txt"]))
+    assert listed.class_names == ["dog", "cat", "bird"]
+
+
 def _dataset_json() -> dict:
     """A ``dataset.json`` as the ingest has always written it, keys in the file's order."""
     return {
@@ -308,3 +331,17 @@ def test_a_dataset_json_that_is_not_json_names_the_file(tmp_path):
     (tmp_path / "dataset.json").write_text("{not json")
     with pytest.raises(shards.DatasetFileError, match=f"{tmp_path / 'dataset.json'}: not valid JSON"):
         shards.read_dataset(str(tmp_path))
+
+
+def test_openimages_exhaustive_classes_are_negatives_wherever_they_are_not_tagged(tmp_path):
+    from tests.ingest_inputs import make_openimages_partial
+
+    make_openimages_partial(tmp_path, sorted_rows=True)
+    source = build_source(SourceConfig(format="openimages", path=str(tmp_path), exhaustive=["Vehicle", "/m/d"]))
+    entries = {e.id: e for e in source.entries() if hasattr(e, "negatives")}
+    assert entries["0a"].labels == ("Dog",) and set(entries["0a"].negatives) == {"Car", "Vehicle"}
+    assert set(entries["0c"].negatives) == {"Dog", "Vehicle"}  # not verified there, but declared complete
+    loaded = source.load(entries["0a"])
+    assert loaded.negatives == entries["0a"].negatives
+    with pytest.raises(ValueError, match="source.exhaustive"):
+        build_source(SourceConfig(format="openimages", path=str(tmp_path), exhaustive=["Unicorn"]))

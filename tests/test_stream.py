@@ -49,8 +49,9 @@ def test_every_sample_once_per_epoch_across_2_ranks_x_2_workers(dataset):
     for epoch in (0, 1):
         seen = collections.Counter()
         for rank in (0, 1):
-            for images, labels in train_loader(dataset, rank, 2, _cfg(resampled=False), epoch=epoch):
+            for images, labels, known in train_loader(dataset, rank, 2, _cfg(resampled=False), epoch=epoch):
                 assert images.shape[1:] == (3, SIZE, SIZE) and labels.shape[1] == 4
+                assert bool((known == 1).all())  # complete labels: every class known
                 seen.update(_digest(img) for img in images)
         assert seen == expected
 
@@ -61,7 +62,7 @@ def test_resampled_ranks_take_equal_steps_of_full_batches(dataset):
         loader = train_loader(dataset, rank, 2, _cfg(resampled=True, epoch_batches=5))
         assert len(loader) == 5
         batches = list(loader)
-        assert all(images.shape[0] == 3 for images, _ in batches)
+        assert all(images.shape[0] == 3 for images, _, _ in batches)
         counts.append(len(batches))
     assert counts == [5, 5]
     default = list(train_loader(dataset, 0, 2, _cfg(resampled=True, num_workers=0)))
@@ -75,7 +76,7 @@ def test_paper_augmentation_is_deterministic_and_epoch_dependent(dataset):
     other = list(train_loader(dataset, 0, 1, cfg, epoch=3))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
     assert not torch.equal(first[0][0], other[0][0])
-    images, labels = first[0]
+    images, labels, _ = first[0]
     assert images.dtype == torch.float32 and labels.dtype == torch.float32
     assert set(labels.unique().tolist()) <= {0.0, 1.0} and (labels.sum(1) >= 1).all()
 
@@ -86,7 +87,7 @@ def test_batches_held_by_the_consumer_survive_slot_reuse(dataset):
     for augment in ("paper", "light"):
         loader = train_loader(dataset, 0, 1, _cfg(augment=augment, batch_size=2, epoch_batches=16))
         held, digests = [], []
-        for images, _ in loader:
+        for images, _, _ in loader:
             held.append(images)
             digests.append(_digest(images))
         assert len(held) == 16 and [_digest(images) for images in held] == digests
@@ -135,7 +136,7 @@ def test_skip_batches_resumes_mid_epoch_exactly(dataset, skip):
     full = list(train_loader(dataset, 1, 2, cfg, epoch=1))
     resumed = list(train_loader(dataset, 1, 2, cfg, epoch=1, skip_batches=skip))
     assert len(full) == 7 and len(resumed) == 7 - skip == len(train_loader(dataset, 1, 2, cfg, 1, skip))
-    for (a_img, a_lab), (b_img, b_lab) in zip(full[skip:], resumed):
+    for (a_img, a_lab, _), (b_img, b_lab, _) in zip(full[skip:], resumed):
         assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)
 
 
@@ -261,7 +262,7 @@ def test_train_stream_skips_an_undecodable_sample(tmp_path, caplog):
         write_tar(f, [(n.split(".", 1)[0], [(n.split(".", 1)[1], d)]) for n, d in members])
     caplog.set_level("WARNING", logger="system.data.stream")
     batches = list(train_loader(uri, 0, 1, _cfg(resampled=False, num_workers=0, batch_size=2)))
-    assert sum(images.shape[0] for images, _ in batches) == 5
+    assert sum(images.shape[0] for images, _, _ in batches) == 5
     assert "skipping sample" in caplog.text
 
 

@@ -116,7 +116,7 @@ def dataset_loss(model: ClusterCAM, cfg: TrainConfig) -> float:
     """Classification loss of ``model`` over every training image (one fixed, deterministic pass)."""
     scfg = dataclasses.replace(cfg.stream, resampled=False, num_workers=0)
     total, n = 0.0, 0
-    for images, labels in train_loader(cfg.data, 0, 1, scfg):
+    for images, labels, _ in train_loader(cfg.data, 0, 1, scfg):
         out = model(images, with_seg=False)
         total += float(multilabel_loss(out.cls_logits, labels) + multilabel_loss(out.pat_logits, labels)) * len(images)
         n += len(images)

@@ -187,9 +187,11 @@ class TrainStep:
         ranks: Ranks,
         device: torch.device,
         dtype: torch.dtype,
+        partial_labels: bool = False,
     ):
         self.cfg, self.engine, self.optimizer, self.steps = cfg, engine, optimizer, steps
         self.rank, self.ranks, self.device, self.dtype = rank, ranks, device, dtype
+        self.partial_labels = partial_labels  # the dataset leaves some classes unknown: pass the known masks on
 
     def __call__(self, batches, position: Position) -> StepStats:
         cfg, engine, accum = self.cfg, self.engine, self.cfg.schedule.grad_accum
@@ -200,11 +202,14 @@ class TrainStep:
         step_losses = StepLossMean(cfg.schedule.seg_loss_weight, self.ranks)
         for micro in range(accum):
             t_data = time.perf_counter()
-            images, labels = next(batches)
+            images, labels, known = next(batches)
             wait += time.perf_counter() - t_data
             torch.manual_seed(step_seed(cfg.seed, self.rank, position.global_step * accum + micro))
             images, labels = images.to(self.device, self.dtype), labels.to(self.device)
-            losses = micro_batch_losses(engine, engine.module, images, labels, position.epoch, cfg.schedule, self.ranks)
+            known = known.to(self.device) if self.partial_labels else None
+            losses = micro_batch_losses(
+                engine, engine.module, images, labels, position.epoch, cfg.schedule, self.ranks, known
+            )
             engine.backward(losses.total)
             engine.step()
             step_losses.add(losses)
@@ -294,7 +299,9 @@ def train_loop_per_worker(config: dict) -> None:
     checkpointer = Checkpointer(cfg.checkpoint, engine, cfg.run_uri(), rank)
     position = checkpointer.restore().normalized(steps)
     validator = Validator(cfg.validation, cfg.schedule, len(class_names), device, precision.dtype, rank, world)
-    train_step = TrainStep(cfg, engine, optimizer, steps, rank, Ranks.of_process_group(), device, precision.dtype)
+    train_step = TrainStep(
+        cfg, engine, optimizer, steps, rank, Ranks.of_process_group(), device, precision.dtype, info.partial_labels
+    )
     telemetry = StepTelemetry(
         cfg.metrics,
         cfg.run_name,

@@ -1,13 +1,15 @@
 """Source -> shards, as pure functions the Ray pipeline fans out (``workers/ingest.py``).
 
-Planning lists every input once, refuses unusable ids and duplicates, and cuts the rest into
-fixed-size groups in source order: shard *i* always gets the same inputs, whatever ran before. Each
-group's *fingerprint* (format version, source settings, classes, its entries) goes into a small
-record ``_parts/shard-%06d.json`` written right after the shard; a re-run skips a shard whose record
-exists with the same fingerprint, so a killed or repeated ingest redoes only what is missing, and
-changed inputs or settings are never mistaken for done work. Image checks run inside the shard's
-task, so a shard holds at most ``shard_size`` samples (fewer when some are rejected); a task reads
-``load_threads`` inputs at once (URL fetches and S3 reads overlap), in order, a bounded window ahead.
+Planning lists every input once, refuses unusable ids and duplicates (by 8-byte id hashes), and
+cuts the rest into fixed-size groups in source order, spooled to a local file (``GroupSpool``) so
+the driver holds per shard an offset and a fingerprint, not the entries: shard *i* always gets the
+same inputs, whatever ran before. Each group's *fingerprint* (format version, source settings,
+classes, its entries) goes into a small record ``_parts/shard-%06d.json`` written right after the
+shard; a re-run skips a shard whose record exists with the same fingerprint, so a killed or
+repeated ingest redoes only what is missing, and changed inputs or settings are never mistaken for
+done work. Image checks run inside the shard's task, so a shard holds at most ``shard_size``
+samples (fewer when some are rejected); a task reads ``load_threads`` inputs at once (URL fetches
+and S3 reads overlap), in order, a bounded window ahead.
 ``finalize`` writes ``rejects.jsonl`` and then ``dataset.json`` - the file that makes the dataset
 exist - only if their content changed.
 """
@@ -15,8 +17,12 @@ exist - only if their content changed.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import tempfile
+import threading
 from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -27,6 +33,7 @@ from system.data.shards import (
     DATASET_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
+    PARTIAL_LABELS,
     REJECTS_FILE,
     DatasetInfo,
     RejectCounts,
@@ -44,19 +51,98 @@ from system.rejects import Reject
 PARTS_DIR = "_parts"
 
 
+def _entry_record(entry: Entry) -> dict:
+    """An entry as JSON: its fields, leaving out ``negatives`` when unset (complete labels)."""
+    record = vars(entry)  # asdict's deep copies cost more than the JSON
+    return record if entry.negatives is not None else {k: v for k, v in record.items() if k != "negatives"}
+
+
+def _entry_from_record(record: dict) -> Entry:
+    negatives = record.get("negatives")
+    return Entry(
+        record["id"],
+        record["image"],
+        tuple(record["labels"]) if record["labels"] is not None else None,
+        record["extra"],
+        tuple(negatives) if negatives is not None else None,
+    )
+
+
+class GroupSpool:
+    """The planned shard groups, spooled to a local temporary file: one JSON line per group.
+
+    The driver keeps only each group's offset, size and fingerprint, so its memory grows with
+    shards, not images; a group's entries are read back when its task is submitted. A sequence
+    (``len``, indexing, iteration), so callers index groups as they would a list.
+    """
+
+    def __init__(self, class_names: list[str], settings: dict):
+        self.class_names, self.settings = class_names, settings
+        self.file = tempfile.TemporaryFile()
+        self.offsets: list[int] = []
+        self.sizes: list[int] = []
+        self.fingerprints: list[str] = []
+        self._lock = threading.Lock()
+
+    def add(self, entries: list[Entry]) -> None:
+        line = json.dumps([_entry_record(e) for e in entries], sort_keys=True, ensure_ascii=True).encode()
+        with self._lock:
+            self.file.seek(0, io.SEEK_END)
+            self.offsets.append(self.file.tell())
+            self.file.write(line + b"\n")
+        self.sizes.append(len(entries))
+        self.fingerprints.append(fingerprint(entries, self.class_names, self.settings))
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index: int) -> list[Entry]:
+        with self._lock:
+            self.file.seek(self.offsets[index])
+            line = self.file.readline()
+        return [_entry_from_record(r) for r in json.loads(line)]
+
+    def __iter__(self) -> Iterator[list[Entry]]:
+        return (self[i] for i in range(len(self)))
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class SeenIds:
+    """Ids seen so far, as 8-byte hashes in a set: a fraction of the memory of the id strings.
+
+    Two different ids share a hash with probability about n^2 / 2^65 (2e-6 at 9M ids); the later
+    one would then be refused as a duplicate.
+    """
+
+    def __init__(self):
+        self.hashes: set[int] = set()
+
+    def add(self, key: str) -> bool:
+        """Whether ``key`` is new (it is remembered either way)."""
+        digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+        if digest in self.hashes:
+            return False
+        self.hashes.add(digest)
+        return True
+
+
 @dataclass
 class IngestPlan:
-    groups: list[list[Entry]] = field(default_factory=list)
+    groups: GroupSpool
     rejects: list[dict] = field(default_factory=list)
     inputs: int = 0
 
 
-def plan(source: Source, shard_size: int) -> IngestPlan:
+def plan(source: Source, shard_size: int, settings: dict | None = None) -> IngestPlan:
+    """List the source once into groups of ``shard_size`` spooled with their fingerprints
+    (``settings``: the ingest settings a fingerprint covers); unusable ids and duplicates are rejects."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
-    out = IngestPlan()
-    accepted: list[Entry] = []
-    keys: dict[str, str] = {}
+    out = IngestPlan(GroupSpool(source.class_names, settings or {}))
+    group: list[Entry] = []
+    seen = SeenIds()
     for item in source.entries():
         out.inputs += 1
         if isinstance(item, Reject):
@@ -68,14 +154,15 @@ def plan(source: Source, shard_size: int) -> IngestPlan:
             out.rejects.append(Reject(item.id, item.image, "unsafe_id", str(exc)).line())
             continue
         key = escape_id(item.id)
-        if key in keys:
-            out.rejects.append(
-                Reject(item.id, item.image, "duplicate_id", f"duplicate id (first seen at {keys[key]})", key).line()
-            )
+        if not seen.add(key):
+            out.rejects.append(Reject(item.id, item.image, "duplicate_id", "duplicate id (seen earlier)", key).line())
             continue
-        keys[key] = item.image
-        accepted.append(item)
-    out.groups = [accepted[i : i + shard_size] for i in range(0, len(accepted), shard_size)]
+        group.append(item)
+        if len(group) == shard_size:
+            out.groups.add(group)
+            group = []
+    if group:
+        out.groups.add(group)
     return out
 
 
@@ -84,7 +171,7 @@ def fingerprint(entries: list[Entry], class_names: list[str], settings: dict) ->
         "format": [FORMAT_NAME, FORMAT_VERSION],
         "settings": settings,
         "classes": class_names,
-        "entries": [vars(e) for e in entries],  # asdict's deep copies cost more than the JSON
+        "entries": [_entry_record(e) for e in entries],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
@@ -141,7 +228,7 @@ def write_shard(source: Source, task: ShardTask) -> dict:
     """Write shard ``task.index`` and then its record; returns the record (counts, sha256, rejects)."""
     class_index = {name: i for i, name in enumerate(task.class_names)}
     rejects: list[dict] = []
-    counts = {"samples": 0, "masks": 0}
+    counts = {"samples": 0, "masks": 0, "partial": 0}
 
     def load(entry: Entry):
         try:
@@ -155,9 +242,10 @@ def write_shard(source: Source, task: ShardTask) -> dict:
                 if isinstance(loaded, BadEntry):
                     rejects.append(Reject(entry.id, entry.image, loaded.code, str(loaded), escape_id(entry.id)).line())
                     continue
-                members, has_mask = loaded
+                members, has_mask, partial = loaded
                 counts["samples"] += 1
                 counts["masks"] += int(has_mask)
+                counts["partial"] += int(partial)
                 yield escape_id(entry.id), members
 
     name = shard_name(task.index)
@@ -170,6 +258,7 @@ def write_shard(source: Source, task: ShardTask) -> dict:
         "inputs": len(task.entries),
         "samples": counts["samples"],
         "masks": counts["masks"],
+        "partial": counts["partial"],
         "bytes": size,
         "sha256": digest,
         "rejects": rejects,
@@ -203,6 +292,7 @@ def finalize(
         raise RuntimeError(f"{output}: {total} ingested + {len(rejects)} rejected != {inputs} inputs")
     lines = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejects)
     put_if_changed(storage.join(output, REJECTS_FILE), lines.encode("utf-8"))
+    partial = sum(p.get("partial", 0) for p in parts)  # records written before partial labels lack it
     info = DatasetInfo(
         name=name,
         classes=list(class_names),
@@ -213,6 +303,7 @@ def finalize(
         inputs=inputs,
         rejected=RejectCounts(len(rejects), dict(sorted(Counter(r["code"] for r in rejects).items()))),
         source=source_settings,
+        extra={PARTIAL_LABELS: partial} if partial else {},
     )
     put_if_changed(storage.join(output, DATASET_FILE), info.encode())
     return info

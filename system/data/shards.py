@@ -29,6 +29,9 @@ from system import storage
 FORMAT_VERSION = 1
 FORMAT_NAME = "clustercam-wds"
 DATASET_FILE = "dataset.json"
+# dataset.json key: how many samples carry partial labels (a ``known`` field); absent when none do, so a
+# dataset with complete labels keeps the file it always had
+PARTIAL_LABELS = "partial_labels"
 REJECTS_FILE = "rejects.jsonl"
 MAX_KEY_LENGTH = 200
 _SAFE = re.compile(rb"[A-Za-z0-9_]")
@@ -326,6 +329,11 @@ class DatasetInfo:
             "source": self.source,
             **self.extra,
         }
+
+    @property
+    def partial_labels(self) -> bool:
+        """Whether some samples leave classes unknown (training then passes the known masks on)."""
+        return bool(self.extra.get(PARTIAL_LABELS))
 
     def encode(self) -> bytes:
         """The file's bytes (indent 1, UTF-8, a final newline): equal content, equal bytes."""

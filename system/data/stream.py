@@ -19,6 +19,10 @@ is batch n of the original, and each worker drops its share of raw samples *befo
 skipping costs only reading. (Exact for resampled streams; without resampling it is exact while no
 worker has run out of shards.)
 
+Labels: each batch carries ``labels`` (B,K) multi-hot and ``known`` (B,K), 1 where the class's
+label is known - a positive or a verified negative. A sample's ``known`` field lists them (partial
+labels, as OpenImages has); without it every class is known, as for VOC, COCO and manifests.
+
 A training sample whose image no longer decodes is skipped with a warning (ingest's checks make this
 rare; a storage bit flip should not end a multi-day run); the eval stream raises instead, since a
 missing sample would bias the evaluation.
@@ -115,10 +119,16 @@ def shard_samples(url: str, retries: int = 5) -> Iterator[dict]:
             time.sleep(min(0.2 * 2**attempt, 5.0))
 
 
-def _multi_hot(sample: dict, num_classes: int) -> np.ndarray:
-    labels = np.zeros(num_classes, dtype=np.float32)
-    labels[json.loads(sample["json"])["labels"]] = 1.0
-    return labels
+def _targets(sample: dict, num_classes: int) -> np.ndarray:
+    """(2,K) float32: the multi-hot labels, then the known mask (all ones without a ``known`` field)."""
+    meta = json.loads(sample["json"])
+    targets = np.zeros((2, num_classes), dtype=np.float32)
+    targets[0, meta["labels"]] = 1.0
+    if "known" in meta:
+        targets[1, meta["known"]] = 1.0
+    else:
+        targets[1] = 1.0
+    return targets
 
 
 def _worker() -> tuple[int, int]:
@@ -273,15 +283,15 @@ class _TrainStream(IterableDataset):
         if ext is None:
             raise ValueError(f"sample {sample['__key__']} in {sample['__url__']} has no image")
         image = decode_rgb(sample[ext], None if self.cfg.augment == "paper" else self.cfg.image_size)
-        return self.transform(image, seed), _multi_hot(sample, self.num_classes)
+        return self.transform(image, seed), _targets(sample, self.num_classes)
 
     def _collate(self, batch: list, number: int) -> tuple:
-        # labels go back as a NumPy array, pickled by value: cheaper than a shared-memory segment and
-        # the file-descriptor exchange a tensor costs
-        items, labels = [b[0] for b in batch], np.stack([b[1] for b in batch])
+        # labels and known masks go back as a NumPy array, pickled by value: cheaper than a shared-memory
+        # segment and the file-descriptor exchange a tensor costs
+        items, targets = [b[0] for b in batch], np.stack([b[1] for b in batch])
         if self.slots is None:
-            return self.transform.collate(items), labels
-        return self.slots.write(_worker()[0], number, items, self.transform.collate), labels
+            return self.transform.collate(items), targets
+        return self.slots.write(_worker()[0], number, items, self.transform.collate), targets
 
     def __iter__(self):
         worker, roles = _worker()
@@ -325,9 +335,10 @@ class Loader:
                 if isinstance(batch, dict):
                     yield batch | {"images": self.transform.finish(batch["images"], self.device)}
                     continue
-                images, labels = batch
+                images, targets = batch
                 images = self._finish_slot(images) if self.slots else self.transform.finish(images, self.device)
-                yield images, torch.from_numpy(labels)
+                targets = torch.from_numpy(targets)
+                yield images, targets[:, 0], targets[:, 1]
         finally:
             if self.slots:
                 self.slots.unblock()
@@ -392,13 +403,13 @@ class _EvalStream(IterableDataset):
     def _decode(self, sample: dict) -> tuple:
         ext = next(e for e in _IMAGE_EXTS if e in sample)
         image = self.transform(decode_rgb(sample[ext]))
-        labels = _multi_hot(sample, self.num_classes)
+        targets = _targets(sample, self.num_classes)
         size = self.transform.size
         if "mask.png" in sample:
             mask = torch.from_numpy(resize_mask(decode_mask(sample["mask.png"]), size).astype(np.int64))
         else:
             mask = torch.full((size, size), 255, dtype=torch.int64)
-        return image, labels, mask, sample["__key__"]
+        return image, targets, mask, sample["__key__"]
 
     def __iter__(self):
         worker, workers = _worker()
@@ -414,10 +425,12 @@ class _EvalStream(IterableDataset):
             yield self._collate(batch)
 
     def _collate(self, batch: list) -> dict:
-        images, labels, masks, keys = zip(*batch)
+        images, targets, masks, keys = zip(*batch)
+        targets = torch.from_numpy(np.stack(targets))
         return {
             "images": self.transform.collate(list(images)),
-            "labels": torch.from_numpy(np.stack(labels)),
+            "labels": targets[:, 0],
+            "known": targets[:, 1],
             "masks": torch.stack(masks),
             "keys": list(keys),
         }

@@ -172,8 +172,9 @@ def inspect_image(data: bytes, max_pixels: int, verify: Verify = "structure") ->
 
 def sample_members(
     entry: Entry, loaded: Loaded, class_index: dict[str, int], max_pixels: int, verify: Verify = "structure"
-) -> tuple[list[tuple[str, bytes]], bool]:
-    """The tar members (extension, bytes) of one accepted sample, in a fixed order."""
+) -> tuple[list[tuple[str, bytes]], bool, bool]:
+    """The tar members (extension, bytes) of one accepted sample, in a fixed order; whether it has a
+    mask; whether its labels are partial (it carries ``known``)."""
     inspected = inspect_image(loaded.image, max_pixels, verify)
     width, height = inspected.width, inspected.height
     unknown = [name for name in loaded.labels if name not in class_index]
@@ -186,6 +187,8 @@ def sample_members(
     meta = {"id": entry.id, "labels": labels, "width": width, "height": height, "source": entry.image}
     if inspected.converted:
         meta["converted"] = list(inspected.converted)
+    if loaded.negatives is not None:  # partial labels: "known" lists positives and verified negatives
+        meta["known"] = sorted({*labels, *(class_index[n] for n in loaded.negatives if n in class_index)})
     members.append(("json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")))
     mask = loaded.mask
     if mask is not None and inspected.done:
@@ -200,4 +203,4 @@ def sample_members(
         if bad:
             raise BadEntry("mask_values", f"mask has values {bad} outside 0..{len(class_index)} and 255")
         members.append(("mask.png", encode_mask(mask)))
-    return members, mask is not None
+    return members, mask is not None, "known" in meta

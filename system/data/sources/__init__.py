@@ -35,7 +35,9 @@ class SourceConfig:
     )
     classes: list[str] = option(
         factory=list,
-        doc="class list/order: openimages subset (names or MIDs); manifest class names (default: all seen)",
+        doc="class list/order: openimages subset (names or MIDs); manifest class names (default: all seen); "
+        "an item '@<file>' reads names from a file: one a line, or the first CSV column "
+        "(class-descriptions-boxable.csv)",
     )
     masks: bool = option(True, doc="carry ground-truth masks along when the source has them")
     ids_file: str = option("", doc="voc: id list file (e.g. the authors' voc12/train_aug_id.txt) instead of ImageSets")
@@ -44,6 +46,16 @@ class SourceConfig:
     )
     classes_file: str = option(
         "", doc="openimages: class descriptions CSV (default: found under path); webdataset: class names, one a line"
+    )
+    hierarchy: str = option(
+        "",
+        doc="openimages: class hierarchy JSON (bbox_labels_600_hierarchy.json; relative: under path); positives "
+        "then also tag their ancestors and verified negatives their descendants; empty: no expansion",
+    )
+    exhaustive: list[str] = option(
+        factory=list,
+        doc="openimages: classes whose labels the dataset declares complete (an image not tagged with one is a "
+        "negative for it); every other class not verified for an image is unknown to its losses",
     )
     annotations: str = option("", doc="coco: instances JSON (default <path>/annotations/instances_<split>.json)")
     images: str = option("", doc="image folder (default: coco <path>/<split>, openimages <path>/<split>)")
@@ -56,10 +68,14 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class Entry:
+    """``negatives``: partial labels - the classes verified absent; every class in neither ``labels``
+    nor ``negatives`` is unknown. None: complete labels (every other class is a negative)."""
+
     id: str
     image: str
     labels: tuple[str, ...] | None = None
     extra: Any = None
+    negatives: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -67,6 +83,7 @@ class Loaded:
     image: bytes
     mask: np.ndarray | None
     labels: tuple[str, ...]
+    negatives: tuple[str, ...] | None = None
 
 
 class Source(Protocol):
@@ -91,6 +108,36 @@ def labels_from_mask(mask: np.ndarray, class_names: list[str]) -> tuple[str, ...
     if bad:
         raise BadEntry("mask_values", f"mask has values {bad} outside 0..{len(class_names)} and 255")
     return tuple(class_names[int(v) - 1] for v in values if 0 < v <= len(class_names))
+
+
+def class_list(classes: list[str], base: str) -> list[str]:
+    """``source.classes`` with each ``@<file>`` item replaced by the names the file lists.
+
+    The file holds one name a line, or CSV rows whose first column is the name (OpenImages'
+    ``class-descriptions-boxable.csv``: MID, display name); a ``LabelName`` header is skipped. A
+    relative path is relative to ``base`` (the dataset root or the manifest's folder).
+    """
+    import csv
+    import io
+    from pathlib import PurePosixPath
+
+    from system import storage
+
+    names: list[str] = []
+    for item in classes:
+        if not item.startswith("@"):
+            names.append(item)
+            continue
+        path = item[1:]
+        if not (storage.is_s3(path) or PurePosixPath(path).is_absolute()):
+            path = storage.join(base, path)
+        try:
+            text = storage.get_bytes(path).decode("utf-8-sig")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"source.classes: class list file {path} not found") from None
+        rows = [row for row in csv.reader(io.StringIO(text, newline="")) if row and row[0].strip()]
+        names.extend(row[0].strip() for row in rows if row[0].strip() != "LabelName")
+    return names
 
 
 def build_source(cfg: SourceConfig) -> Source:

@@ -9,6 +9,10 @@ that gives no image is a reject whose code says why (``http_404``, ``timeout``, 
 Classes are ``source.classes`` when given (then any other name is an unknown class), otherwise
 every name seen, sorted. A line that cannot be parsed is a reject naming the file and line, not a
 failed ingest.
+
+The manifest is streamed line by line, never held: without ``source.classes`` a first pass collects
+the class names, and ``entries()`` reads it again as it goes, so planning a manifest of millions of
+lines holds only what the planner keeps.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import PurePosixPath
 
 from system import storage
 from system.data.fetch import FetchError, fetch, is_url
-from system.data.sources import BadEntry, Entry, Loaded, SourceConfig
+from system.data.sources import BadEntry, Entry, Loaded, SourceConfig, class_list
 from system.masks import decode_mask
 from system.rejects import Reject
 
@@ -32,10 +36,10 @@ class ManifestSource:
         if not self.path.endswith((".jsonl", ".csv")):
             raise ValueError(f"source.path={self.path!r}: a manifest must be a .jsonl or .csv file")
         self.base = self.path.rsplit("/", 1)[0] if "/" in self.path else "."
-        records = list(self._parse())
-        self._pending = records  # handed to entries() once; tasks never receive the whole manifest
-        seen = sorted({name for r in records if isinstance(r, Entry) for name in r.labels})
-        self.class_names = list(cfg.classes) if cfg.classes else seen
+        if cfg.classes:
+            self.class_names = class_list(cfg.classes, self.base)
+        else:
+            self.class_names = sorted({name for r in self._parse() if isinstance(r, Entry) for name in r.labels})
 
     def _resolve(self, location: str) -> str:
         if is_url(location) or storage.is_s3(location) or location.startswith("file://"):
@@ -45,9 +49,12 @@ class ManifestSource:
         return storage.join(self.base, location)
 
     def _rows(self):
-        text = storage.get_bytes(self.path).decode("utf-8")
+        with storage.open_read(self.path) as raw:
+            yield from self._text_rows(io.TextIOWrapper(raw, encoding="utf-8", newline=""))
+
+    def _text_rows(self, text: io.TextIOBase):
         if self.path.endswith(".jsonl"):
-            for line, raw in enumerate(text.splitlines(), start=1):
+            for line, raw in enumerate(text, start=1):
                 if not raw.strip():
                     continue
                 try:
@@ -55,7 +62,7 @@ class ManifestSource:
                 except json.JSONDecodeError as exc:
                     yield line, f"invalid JSON ({exc.msg})"
             return
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        reader = csv.DictReader(text)
         missing = {"id", "image", "labels"} - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{self.path}: CSV header lacks {sorted(missing)}")
@@ -88,7 +95,7 @@ class ManifestSource:
             )
 
     def entries(self):
-        yield from self.__dict__.pop("_pending", None) or self._parse()
+        yield from self._parse()
 
     def _read(self, location: str) -> bytes:
         if not is_url(location):
