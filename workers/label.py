@@ -34,7 +34,7 @@ from ray.experimental import tqdm_ray
 from system import storage
 from system.hardware import require_cuda
 from system.label.config import LabelConfig
-from system.label.hostpool import host_pool
+from system.label.hostpool import host_pool, host_workers
 from system.label.infer import Labeller
 from system.label.inputs import Unit, unit_samples
 from system.label.outputs import OutputWriter
@@ -134,6 +134,7 @@ class LabelActor:
             "device": str(self.device),
             "precision": self.labeller.precision.name,
             "threads": torch.get_num_threads(),
+            "host_workers": host_workers(self.cfg),
             "load_seconds": round(self.load_seconds, 3),
             "metrics_port": self.metrics_port,
         }
