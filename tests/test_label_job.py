@@ -195,6 +195,7 @@ def test_manifest_both_modes_with_gt(s3_root, ray_cluster):
         precision="fp32",
         num_previews=2,
         metrics_port=port,
+        host_workers=1,  # decoding and mask uploads in a worker process of the actor
     )
     job = run(cfg)
     assert job["actors"][0]["metrics_port"] == port + 1

@@ -2,11 +2,12 @@
 
 The driver keeps two units queued per actor, so the next shard's call is waiting the moment the
 current one returns. Inside a call, reading the shard, decoding, the model and the mask uploads
-overlap (threads around the model), so the device waits on nothing but its own work. An actor gets
-only its unit's own resume state (``UnitTask``: was the unit started by an earlier run?), never a
-job-wide set: in a started unit it looks up each of the unit's keys' masks before decoding the
-image, skips those that exist and takes their stats lines from the mask files. A finished unit
-ends with its record (``system.label.records``), written after its masks.
+overlap (the host pool around the model: worker processes, or threads; ``system.label.hostpool``),
+so the device waits on nothing but its own work. An actor gets only its unit's own resume state
+(``UnitTask``: was the unit started by an earlier run?), never a job-wide set: in a started unit it
+looks up each of the unit's keys' masks before decoding the image, skips those that exist and takes
+their stats lines from the mask files. A finished unit ends with its record
+(``system.label.records``), written after its masks.
 
 A transient storage fault (the object store restarting, a reset connection) is never recorded as a
 failure of an image: the unit is tried again inside the actor with backoff, skipping the keys the
@@ -25,7 +26,6 @@ import logging
 import os
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import ray
 import torch
@@ -34,6 +34,7 @@ from ray.experimental import tqdm_ray
 from system import storage
 from system.hardware import require_cuda
 from system.label.config import LabelConfig
+from system.label.hostpool import host_pool, host_workers
 from system.label.infer import Labeller
 from system.label.inputs import Unit, unit_samples
 from system.label.outputs import OutputWriter
@@ -115,7 +116,7 @@ class LabelActor:
         model = load_clustercam(cfg.model).to(self.device)
         self.load_seconds = time.monotonic() - start
         self.labeller = Labeller(model, cfg, class_names)
-        self.pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="label-io")
+        self.pool = host_pool(cfg)
         # a restarted actor must not overwrite the parts of the instance it replaces
         self.writer = OutputWriter(cfg, class_names, run_id, f"a{index}-{uuid.uuid4().hex[:6]}", model_id, self.pool)
         self.metrics = label_metrics()
@@ -133,6 +134,7 @@ class LabelActor:
             "device": str(self.device),
             "precision": self.labeller.precision.name,
             "threads": torch.get_num_threads(),
+            "host_workers": host_workers(self.cfg),
             "load_seconds": round(self.load_seconds, 3),
             "metrics_port": self.metrics_port,
         }

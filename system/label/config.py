@@ -81,6 +81,11 @@ class LabelConfig:
     )
     threads_per_actor: int = option(0, doc="torch CPU threads per actor; 0: Ray's default (max(1, cpus_per_actor))")
     decode_threads: int = option(2, doc="threads per actor decoding images and writing masks while the model runs")
+    host_workers: int = option(
+        -1,
+        doc="worker processes per actor decoding/resizing images and encoding/uploading masks beside the model "
+        "(free of the model's GIL); 0: decode_threads threads in the actor; -1: floor(cpus_per_actor) - 1",
+    )
     manifest_chunk: int = option(256, doc="manifest images per work unit (a dataset's unit is one shard)")
     unit_retries: int = option(
         3, doc="tries of a unit inside its actor when storage fails transiently (backoff 2, 4, 8 s ...)"
@@ -125,6 +130,8 @@ class LabelConfig:
             raise ValueError(f"cam_scales must be a non-empty list of positive numbers, got {self.cam_scales}")
         if not 0 < self.actor_start_timeout_s:
             raise ValueError(f"actor_start_timeout_s must be positive, got {self.actor_start_timeout_s}")
+        if self.host_workers < -1:
+            raise ValueError(f"host_workers must be -1 (auto), 0 (threads) or a count, got {self.host_workers}")
         if not 0 < self.cpus_per_actor:
             raise ValueError(f"cpus_per_actor must be positive, got {self.cpus_per_actor}")
         if self.crf and self.mode == "cam":

@@ -2,11 +2,12 @@
 
 Throughput comes from three things: images of the same (capped) size share a forward (the model's
 token grid depends on the size, so only equal sizes batch without padding, and padding would change
-the positional embedding and the masks); decoding runs in threads while the model runs (PIL and
-torch both release the GIL), bounded so a shard never sits decoded in memory; bf16 autocast where
-the hardware computes bf16 natively. The maths is the library's: ``predict_probs`` (docs/method.md §c.1) and
-``multi_scale_cam`` + ``pseudo_labels`` (docs/method.md §b.4-b.7); nothing here changes a pixel's value except
-the optional tag restriction (zeroing classes the image is not tagged with) and the CRF.
+the positional embedding and the masks); decoding runs in the actor's host pool while the model runs
+(threads, or worker processes where the GIL binds: ``system.label.hostpool``), bounded so a shard
+never sits decoded in memory; bf16 autocast where the hardware computes bf16 natively. The maths is
+the library's: ``predict_probs`` (docs/method.md §c.1) and ``multi_scale_cam`` + ``pseudo_labels``
+(docs/method.md §b.4-b.7); nothing here changes a pixel's value except the optional tag restriction
+(zeroing classes the image is not tagged with) and the CRF.
 """
 
 from __future__ import annotations
@@ -86,6 +87,31 @@ def to_input(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def decode_sample(sample: Sample, max_side: int, min_side: int) -> Decoded | Reject:
+    """Bytes to pixels at the original and the model size; a module function of plain data, so it runs
+    in a host worker process (``system.label.hostpool``) as well as in a thread."""
+    if sample.error:
+        return sample.error
+    try:
+        done = decode_normalised(sample.image, upright=True)  # a manifest's files are read as they are
+        image = to_rgb(done.image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return sample.reject("corrupt", f"unreadable image ({type(exc).__name__}: {exc})")
+    pixels = np.asarray(image, dtype=np.uint8)
+    H, W = pixels.shape[:2]
+    h, w = model_size(H, W, max_side, min_side)
+    resized = pixels if (h, w) == (H, W) else np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.uint8)
+    gt = None
+    if sample.gt is not None:
+        try:
+            gt = mask_upright(decode_mask(sample.gt), done)
+        except (OSError, ValueError) as exc:
+            return sample.reject("mask_corrupt", f"unreadable GT mask ({exc})")
+        if gt.shape != (H, W):
+            return sample.reject("mask_size", f"GT mask is {gt.shape[1]}x{gt.shape[0]}, image {W}x{H}")
+    return Decoded(sample, pixels, resized, gt)
+
+
 def size_batches(
     items: Iterable[T], size_of: Callable[[T], Hashable], batch_size: int, max_held: int
 ) -> Iterator[list[T]]:
@@ -159,26 +185,7 @@ class Labeller:
         self.min_side = math.ceil(model.cfg.patch_size / min(min(scales), 1.0))
 
     def decode(self, sample: Sample) -> Decoded | Reject:
-        if sample.error:
-            return sample.error
-        try:
-            done = decode_normalised(sample.image, upright=True)  # a manifest's files are read as they are
-            image = to_rgb(done.image)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            return sample.reject("corrupt", f"unreadable image ({type(exc).__name__}: {exc})")
-        pixels = np.asarray(image, dtype=np.uint8)
-        H, W = pixels.shape[:2]
-        h, w = model_size(H, W, self.cfg.max_side, self.min_side)
-        resized = pixels if (h, w) == (H, W) else np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.uint8)
-        gt = None
-        if sample.gt is not None:
-            try:
-                gt = mask_upright(decode_mask(sample.gt), done)
-            except (OSError, ValueError) as exc:
-                return sample.reject("mask_corrupt", f"unreadable GT mask ({exc})")
-            if gt.shape != (H, W):
-                return sample.reject("mask_size", f"GT mask is {gt.shape[1]}x{gt.shape[0]}, image {W}x{H}")
-        return Decoded(sample, pixels, resized, gt)
+        return decode_sample(sample, self.cfg.max_side, self.min_side)
 
     def _tags(self, batch: list[Decoded]) -> torch.Tensor:
         tags = torch.zeros(len(batch), self.num_classes, device=self.device)
@@ -255,7 +262,7 @@ class Labeller:
         def decoded() -> Iterator[Decoded | Reject]:
             pending: deque = deque()
             for sample in samples:
-                pending.append(pool.submit(self.decode, sample))
+                pending.append(pool.submit(decode_sample, sample, self.cfg.max_side, self.min_side))
                 if len(pending) >= window:
                     yield pending.popleft().result()
             while pending:

@@ -26,7 +26,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, wait
 
 import numpy as np
 import torch
@@ -89,8 +89,71 @@ def _jsonl(lines: list[dict]) -> bytes:
     return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
 
 
+@dataclasses.dataclass(frozen=True)
+class WriteContext:
+    """What writing a mask needs besides the mask: plain data, sent once per write to a host worker."""
+
+    cfg: LabelConfig
+    class_names: tuple[str, ...]
+    run_id: str
+    model_id: str
+
+
+_NO_PIXELS = np.zeros((0, 0, 3), np.uint8)
+
+
+def mask_line(ctx: WriteContext, item: Labelled) -> dict:
+    """The image's stats line (embedded in its mask, written in the stats parts, summed in its unit's record)."""
+    cfg, class_names = ctx.cfg, list(ctx.class_names)
+    s = item.sample
+    primary = cfg.modes[-1]
+    H, W = item.masks[primary].shape[:2]
+    line = {
+        "key": s.key,
+        "id": s.id,
+        "model": ctx.model_id,
+        "run": ctx.run_id,
+        "mode": primary,
+        "width": W,
+        "height": H,
+        "model_size": list(item.model_size)[::-1],
+        "tags": [class_names[k] for k in s.labels],
+        "source": s.source,
+    }
+    names = ["background", *class_names]
+    for mode in cfg.modes:
+        part = {**mask_stats(item.masks[mode], class_names), "confidence": _round(item.confidence[mode])}
+        part["class_confidence"] = {
+            names[v]: _round(c) for v, c in item.class_confidence.get(mode, {}).items() if v < len(names)
+        }
+        if item.gt is not None:
+            part["confusion"] = sparse_confusion(item.gt, item.masks[mode], len(class_names) + 1)
+        if mode == primary:
+            line.update(part)
+        else:
+            line[mode] = part
+    if len(cfg.modes) > 1:
+        line["agreement"] = mask_agreement(item.masks[cfg.modes[0]], item.masks[primary], names)
+    return line
+
+
+def store_masks(ctx: WriteContext, item: Labelled) -> dict:
+    """Encode and upload the image's masks; returns its stats line once the last (primary) one is stored."""
+    cfg = ctx.cfg
+    line = mask_line(ctx, item)
+    for mode in cfg.modes:  # the primary mask (masks/) goes last: it marks the image done
+        data = cfg.codec.encode(item.masks[mode], line if mode == cfg.modes[-1] else None)
+        storage.put_bytes(storage.join(cfg.output, cfg.mask_dir(mode), item.sample.key + cfg.codec.suffix), data)
+    return line
+
+
 class OutputWriter:
-    """Writes one actor's masks from a thread pool and its stats/failure lines in parts.
+    """Writes one actor's masks from its host pool and its stats/failure lines in parts.
+
+    The encode and upload of a mask is ``store_masks``, a module function of plain data, so it runs in
+    a host worker process (``system.label.hostpool``) as well as in a thread; the image's pixels stay
+    here. At most ``max_pending`` writes are in flight: ``submit`` waits for the oldest beyond that,
+    so a model faster than the encoders holds a window of images, not a unit's worth.
 
     A stats line is only buffered once its mask is stored, and a part is only written after its
     masks, so a line always refers to an existing mask. A write that fails for a transient reason
@@ -99,9 +162,18 @@ class OutputWriter:
     """
 
     def __init__(
-        self, cfg: LabelConfig, class_names: list[str], run_id: str, writer_id: str, model_id: str, pool: Executor
+        self,
+        cfg: LabelConfig,
+        class_names: list[str],
+        run_id: str,
+        writer_id: str,
+        model_id: str,
+        pool: Executor,
+        max_pending: int | None = None,
     ):
         self.cfg = cfg
+        self.context = WriteContext(cfg, tuple(class_names), run_id, model_id)
+        self.max_pending = max_pending or 4 * cfg.batch_size
         self.class_names = class_names
         self.run_id = run_id
         self.writer_id = writer_id
@@ -117,45 +189,7 @@ class OutputWriter:
         self.written = 0
 
     def line(self, item: Labelled) -> dict:
-        s = item.sample
-        H, W = item.pixels.shape[:2]
-        primary = self.cfg.modes[-1]
-        line = {
-            "key": s.key,
-            "id": s.id,
-            "model": self.model_id,
-            "run": self.run_id,
-            "mode": primary,
-            "width": W,
-            "height": H,
-            "model_size": list(item.model_size)[::-1],
-            "tags": [self.class_names[k] for k in s.labels],
-            "source": s.source,
-        }
-        names = ["background", *self.class_names]
-        for mode in self.cfg.modes:
-            part = {**mask_stats(item.masks[mode], self.class_names), "confidence": _round(item.confidence[mode])}
-            part["class_confidence"] = {
-                names[v]: _round(c) for v, c in item.class_confidence.get(mode, {}).items() if v < len(names)
-            }
-            if item.gt is not None:
-                part["confusion"] = sparse_confusion(item.gt, item.masks[mode], len(self.class_names) + 1)
-            if mode == primary:
-                line.update(part)
-            else:
-                line[mode] = part
-        if len(self.cfg.modes) > 1:
-            line["agreement"] = mask_agreement(item.masks[self.cfg.modes[0]], item.masks[primary], names)
-        return line
-
-    def _store(self, item: Labelled) -> dict:
-        line = self.line(item)
-        for mode in self.cfg.modes:  # the primary mask (masks/) goes last: it marks the image done
-            data = self.cfg.codec.encode(item.masks[mode], line if mode == self.cfg.modes[-1] else None)
-            storage.put_bytes(
-                storage.join(self.cfg.output, self.cfg.mask_dir(mode), item.sample.key + self.cfg.codec.suffix), data
-            )
-        return line
+        return mask_line(self.context, item)
 
     def begin_unit(self) -> None:
         self.stored, self.unit_lines, self.unit_failed = set(), [], []
@@ -166,7 +200,11 @@ class OutputWriter:
             if item.key:
                 self.unit_failed.append(item.key)
             return
-        self.pending.append((item, self.pool.submit(self._store, item)))
+        if len(self.pending) >= self.max_pending:
+            wait([self.pending[0][1]])
+        # the pixels stay in this process: the line takes the image's size from its masks
+        slim = dataclasses.replace(item, pixels=_NO_PIXELS, sample=dataclasses.replace(item.sample, image=None))
+        self.pending.append((item, self.pool.submit(store_masks, self.context, slim)))
 
     def collect(self, wait: bool = False) -> list[Reject]:
         """Move stored masks' lines into the buffer; returns images whose write failed for good, and
