@@ -11,10 +11,12 @@ seed - next to the all-background baseline, and writes the results as JSON. Vari
                   labelling (``cam_p2p_refine=true``; the recipe trains and labels without it)
 
 A finished run or label job under ``--dir`` is reused, so an interrupted benchmark resumes; ``--tag``
-names the runs, so a changed recipe (demo keys such as ``train=[...]``) needs a new tag.
+names the runs and labels, so a changed recipe (demo keys such as ``train=[...]``) needs a new tag.
+``--models-of TAG`` labels the models another tag trained: a sweep of label-time settings
+(``label=[bg_threshold=0.5]``) needs no training.
 
     python -m benchmarks.quality [--seeds 0,1,2] [--variants clustercam,class-token,clustercam-p2p]
-                                 [--tag q] [--json FILE] [demo key=value ...]
+                                 [--tag q] [--models-of TAG] [--json FILE] [demo key=value ...]
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -88,12 +92,15 @@ class Row:
         return {"mean": sum(values) / len(values), "spread": max(values) - min(values)} if values else {}
 
 
-def run_one(base: DemoConfig, paths: Paths, env: dict[str, str], tag: str, variant: Variant, seed: int) -> SeedResult:
-    """Stages train, label and evaluate of one variant and training seed."""
+def run_one(
+    base: DemoConfig, paths: Paths, env: dict[str, str], tags: tuple[str, str], variant: Variant, seed: int
+) -> SeedResult:
+    """Stages train, label and evaluate of one variant and training seed; ``tags``: (of the labels, of the models)."""
+    tag, models_tag = tags
     trained_variant = VARIANTS[variant.models_of] if variant.models_of else variant
     cfg = dataclasses.replace(
         base,
-        run_name=f"{tag}-{trained_variant.name}-s{seed}",
+        run_name=f"{models_tag}-{trained_variant.name}-s{seed}",
         train=[*base.train, f"seed={seed}", *trained_variant.train],
         label=[*base.label, *variant.label],
     )
@@ -154,10 +161,13 @@ def write_json(path: Path, payload: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
+    # `kill` unwinds as Ctrl-C does: the step running is stopped, then the stack
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], usage=__doc__.split("\n\n")[-1])
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma separated")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma separated: {', '.join(VARIANTS)}")
     parser.add_argument("--tag", default="q", help="prefix of the run names (a changed recipe needs a new one)")
+    parser.add_argument("--models-of", default="", help="label the models this tag trained (default: --tag's)")
     parser.add_argument("--json", default="", help="results file; default <dir>/quality-<tag>.json")
     args, demo_args = parser.parse_known_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -179,14 +189,16 @@ def main(argv: list[str] | None = None) -> None:
         paths = Paths(root)
         stages.update(ingest_splits(base, paths, env))
         baseline = background_baseline(paths.heldout_data)["miou"]
-        for variant in variants:
-            for seed in seeds:
-                results.append(run_one(base, paths, env, args.tag, variant, seed))
+        # seed by seed, so that an interrupted benchmark has compared the variants on the seeds it ran
+        for seed in seeds:
+            for variant in variants:
+                results.append(run_one(base, paths, env, (args.tag, args.models_of or args.tag), variant, seed))
                 log.info("quality: %s", results[-1])
                 write_json(
                     out,
                     {
                         "tag": args.tag,
+                        "models_of": args.models_of or args.tag,
                         "demo": dataclasses.asdict(base),
                         "baseline_all_background_miou": baseline,
                         "variants": {
