@@ -126,7 +126,7 @@ def run(cfg: LabelConfig) -> dict:
     infos: list[dict] = []
     lost = []
     written = finished = failed_units = 0
-    t_pool = time.monotonic()
+    t_pool = time.monotonic()  # restarted once the actors are up: labelling_seconds is the pool's own time
     if first is not None:
         ray = start_ray()
         from workers.label import LabelActor, UnitResult
@@ -141,6 +141,7 @@ def run(cfg: LabelConfig) -> dict:
         asks = {"CPU": cfg.cpus_per_actor, "GPU": gpus}
         infos = wait_placed(actors, [a.info.remote() for a in actors], cfg.actor_start_timeout_s, "label actors", asks)
         log.info("label %s: actors ready: %s", run_id, infos)
+        t_pool = time.monotonic()
 
         progress = Progress(plan.total, "label")
 
