@@ -49,6 +49,7 @@ def config(data: str, output: str, args, **overrides) -> TrainConfig:
         "max_failures": 0,
         "checkpoint.every_steps": 0,
         "metrics.log_every_steps": 1000,
+        "deepspeed.precision": "fp32",  # the plain baseline runs fp32; auto would pick bf16 on AMX CPUs
         **overrides,
     }
     return load_config(
