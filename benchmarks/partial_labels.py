@@ -2,8 +2,8 @@
 
     python -m benchmarks.partial_labels [--images 480] [--classes 6] [--epochs 12] [--seeds 0]
 
-Three runs of the same tiny recipe (configs/tiny.yaml's model and rate, classification phase only,
-one process on the CPU - the cheapest training the project has), each scored by the CAM + PAR
+Three runs of the same tiny recipe (configs/tiny.yaml's rate with the earlier tiny model's 16 px patches,
+classification phase only, ``system.training.train_one_process`` on the CPU), each scored by the CAM + PAR
 mIoU of held-out scenes (``system.training.cam_labels``, as the validator measures it):
 
 - ``full``: every label known (the synthetic source's complete tags);
@@ -31,13 +31,12 @@ import torch
 
 from system.config import load_config
 from system.data import ingest
-from system.data.shards import DatasetInfo, read_dataset
+from system.data.shards import DatasetInfo
 from system.data.sources import Entry, Loaded, Source, SourceConfig, build_source
-from system.data.stream import eval_loader, train_loader
+from system.data.stream import eval_loader
 from system.metrics import ConfusionMatrix
 from system.model import ClusterCAM
-from system.optim import adamw, learning_rate, set_step_hyperparams
-from system.training import TrainConfig, cam_labels, micro_batch_losses, stream_config
+from system.training import TrainConfig, cam_labels, train_one_process
 
 
 def _draw(*parts: object) -> float:
@@ -80,28 +79,6 @@ def write_dataset(uri: str, source: Source, shard_size: int = 40) -> DatasetInfo
     return ingest.finalize(uri, "bench", source.class_names, parts, work.rejects, work.inputs, {})
 
 
-def train(cfg: TrainConfig) -> ClusterCAM:
-    """The plain single-process loop of the recipe (as benchmarks/train.py's), classification phase."""
-    info = read_dataset(cfg.data)
-    steps = info.total_samples // cfg.global_batch
-    torch.manual_seed(cfg.seed)
-    model = ClusterCAM(cfg.model).train()
-    optimizer = adamw(model, cfg.optim, lr=0.0)
-    scfg = stream_config(cfg, steps)
-    for epoch in range(cfg.schedule.epochs):
-        batches = iter(train_loader(cfg.data, 0, 1, scfg, epoch=epoch))
-        for step in range(steps):
-            images, labels, known = next(batches)
-            lr = learning_rate(cfg.optim, cfg.global_batch, cfg.schedule.epochs, steps, epoch * steps + step)
-            set_step_hyperparams(optimizer, lr, False)
-            known = known if info.partial_labels else None  # as workers/train.py does
-            loss = micro_batch_losses(model, model, images, labels, epoch, cfg.schedule, known=known).total
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
-
-
 @torch.no_grad()
 def cam_miou(model: ClusterCAM, cfg: TrainConfig, heldout: str, num_classes: int) -> float:
     matrix = ConfusionMatrix(num_classes + 1)
@@ -119,7 +96,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--hide-negatives", type=float, default=0.3)
     parser.add_argument("--hide-positives", type=float, default=0.3)
-    parser.add_argument("--depth", type=int, default=12, help="transformer blocks (configs/tiny.yaml: 12)")
+    parser.add_argument("--depth", type=int, default=12, help="transformer blocks (the earlier tiny model's 12)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -152,6 +129,7 @@ def main() -> None:
                         "num_workers=1",
                         f"model.num_classes={args.classes}",
                         f"model.depth={args.depth}",
+                        "model.patch_size=16",  # the shape its figures were measured with
                         "stream.batch_size=16",
                         "stream.num_workers=0",
                         f"schedule.epochs={args.epochs}",
@@ -160,7 +138,7 @@ def main() -> None:
                     ],
                 )
                 t0 = time.perf_counter()
-                model = train(cfg)
+                model = train_one_process(cfg)
                 seconds = time.perf_counter() - t0
                 miou = cam_miou(model, cfg, f"{tmp}/heldout", args.classes)
                 results.setdefault(name, []).append(miou)

@@ -15,8 +15,15 @@ names the runs and labels, so a changed recipe (demo keys such as ``train=[...]`
 ``--models-of TAG`` labels the models another tag trained: a sweep of label-time settings
 (``label=[bg_threshold=0.5]``) needs no training.
 
+``--one-process`` is the recipe search's mode: no stack, no Ray, no DeepSpeed. The same splits are
+ingested in-process into ``<dir>/one-process/``, each model is trained by
+``system.training.train_one_process`` on the global batch (fp32, one rank: other data order, so not the
+same numbers as the distributed run), and the held-out split is labelled by the labeller's own
+``Labeller`` with the label config, in memory. One thread each, so two sweeps share a 2-core machine.
+A recipe it picks is then measured the distributed way, which is what the README reports.
+
     python -m benchmarks.quality [--seeds 0,1,2] [--variants clustercam,class-token,clustercam-p2p]
-                                 [--tag q] [--models-of TAG] [--json FILE] [demo key=value ...]
+                                 [--tag q] [--models-of TAG] [--json FILE] [--one-process] [demo key=value ...]
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import torch
+
 from pipelines.demo import (
     DemoConfig,
     Paths,
@@ -43,8 +52,15 @@ from pipelines.demo import (
     start_stack,
     train_step,
 )
-from system.config import parse_cli
+from system.config import load_config, parse_cli
+from system.data.shards import read_dataset
+from system.data.stream import eval_loader
+from system.label.config import LabelConfig
+from system.label.infer import Labeller
+from system.metrics import ConfusionMatrix
 from system.telemetry import setup_logging
+from system.training import TrainConfig, train_one_process
+from tests.datasets import build_synthetic
 
 log = logging.getLogger("benchmarks.quality")
 
@@ -122,6 +138,70 @@ def run_one(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class OneProcess:
+    """The demo's splits in a local folder, and the models of the seed being run (variants share them)."""
+
+    root: Path
+    models: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def train(self) -> str:
+        return str(self.root / "train")
+
+    @property
+    def heldout(self) -> str:
+        return str(self.root / "heldout")
+
+    def ingest(self, base: DemoConfig) -> None:
+        # the demo's splits: training scenes of synthetic seed 0, held-out scenes of seed 1
+        for uri, images, seed in ((self.train, base.train_images, 0), (self.heldout, base.heldout_images, 1)):
+            if not Path(uri, "dataset.json").is_file():
+                build_synthetic(uri, images, base.num_classes, base.image_size, base.shard_size, seed)
+
+
+def run_one_process(base: DemoConfig, data: OneProcess, variant: Variant, seed: int) -> SeedResult:
+    """``run_one`` in this process: train (or reuse this seed's model of ``models_of``), label in memory, score."""
+    trained_variant = VARIANTS[variant.models_of] if variant.models_of else variant
+    train_s = None
+    model = data.models.get((trained_variant.name, seed))
+    if model is None:
+        overrides = [f"data={data.train}", f"output={data.root}/runs", *base.train, f"seed={seed}"]
+        overrides += trained_variant.train
+        per_rank = load_config(TrainConfig, base.train_config, overrides)
+        global_batch = base.num_workers * per_rank.stream.batch_size
+        cfg = load_config(
+            TrainConfig,
+            base.train_config,
+            [*overrides, "num_workers=1", f"stream.batch_size={global_batch}", "stream.num_workers=0"],
+        )
+        t0 = time.monotonic()
+        model = data.models[(trained_variant.name, seed)] = train_one_process(cfg)
+        train_s = round(time.monotonic() - t0, 1)
+    label_cfg = load_config(
+        LabelConfig, base.label_config, ["model=unused", "data=unused", "output=unused", *base.label, *variant.label]
+    )
+    class_names = read_dataset(data.heldout).classes
+    labeller = Labeller(model, label_cfg, class_names)
+    seg, cam = ConfusionMatrix(len(class_names) + 1), ConfusionMatrix(len(class_names) + 1)
+    t0 = time.monotonic()
+    for batch in eval_loader(data.heldout, label_cfg.batch_size, base.image_size):
+        tags = batch["labels"].float()
+        seg.add(batch["masks"], labeller.seg(batch["images"], tags, [])[0])
+        cam.add(batch["masks"], labeller.cam(batch["images"], tags)[0])
+    names = ["background", *class_names]
+    return SeedResult(
+        variant=variant.name,
+        seed=seed,
+        seg_miou=seg.miou(),
+        cam_miou=cam.miou(),
+        seg_iou=dict(zip(names, seg.iou().tolist())),
+        cam_iou=dict(zip(names, cam.iou().tolist())),
+        train_s=train_s,
+        label_s=round(time.monotonic() - t0, 1),
+    )
+
+
 def rows(results: list[SeedResult]) -> list[Row]:
     out: dict[str, Row] = {}
     for r in results:
@@ -169,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default="q", help="prefix of the run names (a changed recipe needs a new one)")
     parser.add_argument("--models-of", default="", help="label the models this tag trained (default: --tag's)")
     parser.add_argument("--json", default="", help="results file; default <dir>/quality-<tag>.json")
+    parser.add_argument(
+        "--one-process", action="store_true", help="train and label in this process, one thread (recipe search)"
+    )
     args, demo_args = parser.parse_known_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
@@ -184,20 +267,33 @@ def main(argv: list[str] | None = None) -> None:
     results: list[SeedResult] = []
     t0 = time.monotonic()
     with ExitStack() as resources:
-        root, env, _ = start_stack(base, workdir, resources)
-        stages["stack"] = time.monotonic() - t0
-        paths = Paths(root)
-        stages.update(ingest_splits(base, paths, env))
-        baseline = background_baseline(paths.heldout_data)["miou"]
+        if args.one_process:
+            torch.set_num_threads(1)
+            data = OneProcess(workdir / "one-process")
+            data.ingest(base)
+            baseline = background_baseline(data.heldout)["miou"]
+        else:
+            root, env, _ = start_stack(base, workdir, resources)
+            stages["stack"] = time.monotonic() - t0
+            paths = Paths(root)
+            stages.update(ingest_splits(base, paths, env))
+            baseline = background_baseline(paths.heldout_data)["miou"]
         # seed by seed, so that an interrupted benchmark has compared the variants on the seeds it ran
         for seed in seeds:
+            if args.one_process:
+                data.models.clear()
             for variant in variants:
-                results.append(run_one(base, paths, env, (args.tag, args.models_of or args.tag), variant, seed))
+                if args.one_process:
+                    results.append(run_one_process(base, data, variant, seed))
+                else:
+                    tags = (args.tag, args.models_of or args.tag)
+                    results.append(run_one(base, paths, env, tags, variant, seed))
                 log.info("quality: %s", results[-1])
                 write_json(
                     out,
                     {
                         "tag": args.tag,
+                        "mode": "one-process" if args.one_process else "distributed",
                         "models_of": args.models_of or args.tag,
                         "demo": dataclasses.asdict(base),
                         "baseline_all_background_miou": baseline,

@@ -38,6 +38,8 @@ def config(data: str, output: str, args, **overrides) -> TrainConfig:
     items = {
         "model.num_classes": 4,
         "model.embed_dim": args.embed_dim,
+        "model.depth": 12,  # the 12-block, 16 px model the README's overhead figures were measured on
+        "model.patch_size": 16,
         "model.img_size": args.image_size,
         "stream.image_size": args.image_size,
         "stream.batch_size": args.batch_size,

@@ -18,11 +18,12 @@ import torch
 
 from system.cam import CAM_LAYERS, CAM_P2P_REFINE, multi_scale_cam
 from system.config import option
-from system.data.stream import StreamConfig
+from system.data.shards import read_dataset
+from system.data.stream import StreamConfig, train_loader
 from system.hardware import Precision
 from system.losses import ONE_PROCESS, SEG_LOSS_WEIGHT, Losses, Ranks, clustercam_loss
-from system.model import ClusterCAM, ClusterCAMConfig
-from system.optim import OptimConfig
+from system.model import ClusterCAM, ClusterCAMConfig, build_model
+from system.optim import OptimConfig, adamw, learning_rate, set_step_hyperparams
 from system.refine import cam_to_label, denormalize, pseudo_labels, refine_with_background
 
 
@@ -79,7 +80,9 @@ class ValidationConfig:
 @dataclasses.dataclass
 class DeepSpeedConfig:
     precision: Precision = option(
-        "auto", "auto = bf16 on GPUs and bf16-native CPUs, fp32 elsewhere; fp16 (GPU) uses loss scaling"
+        "auto",
+        "auto = bf16 on GPUs and bf16-native CPUs, fp32 elsewhere; bf16 is DeepSpeed's (the forward in bf16 weights, "
+        "fp32 master weights in the optimizer), not autocast; fp16 (GPU) uses loss scaling",
     )
     offload_optimizer: bool = option(False, "ZeRO-Offload: optimizer states and step on the CPU (zero_stage 1-3)")
     offload_params: bool = option(False, "ZeRO-3 parameter offload to the CPU (zero_stage 3)")
@@ -114,7 +117,9 @@ class TrainConfig:
     )
     max_steps: int = option(0, "stop after N optimizer steps (still checkpoint and export); 0 = run the schedule")
     max_failures: int = option(3, "worker-group restarts Ray Train allows before the run fails")
-    seed: int = option(0, "seed of the model init, drop path and data order")
+    seed: int = option(
+        0, "seed of the run: model init, drop path and data order (added to stream.seed, so seeds give different runs)"
+    )
     weights: str | None = option(
         None,
         "initial weights: an ImageNet DeiT/ViT checkpoint (docs/method.md §b.2) or a ClusterCAM checkpoint; "
@@ -160,6 +165,11 @@ class TrainConfig:
 
     def run_uri(self) -> str:
         return self.output.rstrip("/") + "/runs/" + self.run_name
+
+
+def cam_settings(cfg: ScheduleConfig) -> dict:
+    """How training made its CAMs, as the exported model.json records it: labelling makes them the same way."""
+    return {"layers": cfg.cam_layers, "p2p_refine": cfg.cam_p2p_refine}
 
 
 def in_seg_phase(cfg: ScheduleConfig, epoch: int) -> bool:
@@ -253,5 +263,45 @@ def steps_per_epoch(cfg: TrainConfig, total_samples: int) -> int:
 
 
 def stream_config(cfg: TrainConfig, steps: int) -> StreamConfig:
-    """The per-rank stream: exactly ``steps * grad_accum`` micro-batches per epoch on every rank."""
-    return dataclasses.replace(cfg.stream, epoch_batches=steps * cfg.schedule.grad_accum)
+    """The per-rank stream: exactly ``steps * grad_accum`` micro-batches per epoch on every rank, its
+    order and augmentation drawn from the run's seed as well as ``stream.seed``."""
+    return dataclasses.replace(
+        cfg.stream, epoch_batches=steps * cfg.schedule.grad_accum, seed=cfg.stream.seed + cfg.seed
+    )
+
+
+def train_one_process(cfg: TrainConfig) -> ClusterCAM:
+    """The worker's schedule in this process, fp32, as one rank of ``cfg.num_workers=1``: per epoch a fresh
+    stream, per micro-step the worker's rate, weight-decay phase, drop-path seed and ``micro_batch_losses``.
+
+    What benchmarks and recipe sweeps train with when Ray and DeepSpeed are not what they measure; the
+    model starts from its seeded random init (``cfg.weights`` is the worker's business)."""
+    if cfg.num_workers != 1:
+        raise ValueError(f"train_one_process runs one rank; num_workers is {cfg.num_workers}")
+    info = read_dataset(cfg.data)
+    steps = steps_per_epoch(cfg, info.total_samples)
+    accum = cfg.schedule.grad_accum
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model).train()
+    optimizer = adamw(model, cfg.optim, lr=0.0)
+    scfg = stream_config(cfg, steps)
+    for epoch in range(cfg.schedule.epochs):
+        batches = iter(train_loader(cfg.data, 0, 1, scfg, epoch=epoch))
+        for step in range(epoch * steps, (epoch + 1) * steps):
+            set_step_hyperparams(
+                optimizer,
+                learning_rate(cfg.optim, cfg.global_batch, cfg.schedule.epochs, steps, step),
+                in_seg_phase(cfg.schedule, epoch),
+            )
+            optimizer.zero_grad(set_to_none=True)
+            for micro in range(accum):
+                images, labels, known = next(batches)
+                torch.manual_seed(step_seed(cfg.seed, 0, step * accum + micro))
+                known = known if info.partial_labels else None
+                losses = micro_batch_losses(model, model, images, labels, epoch, cfg.schedule, known=known)
+                (losses.total / accum).backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+    model.cam_settings = cam_settings(cfg.schedule)  # as a loaded export carries them
+    return model.eval()

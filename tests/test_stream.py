@@ -325,3 +325,45 @@ def test_random_streams_keep_the_numbers_their_seeds_were_made_with():
     }
     assert _mix(7, 0, Streams.SHARD_ORDER) == _mix(7, 0, 2)
     assert len({_mix(7, 0, 1, 0, s) for s in Streams}) == len(Streams)
+
+
+def test_crop_scale_bounds_the_light_crop_and_bad_ranges_name_the_key():
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from system.config import ConfigError, load_config
+    from system.data.transforms import ImageTransform, resized_crop_box
+    from system.training import TrainConfig
+
+    rng = random.Random(0)
+    areas = []
+    for _ in range(200):
+        left, top, right, bottom = resized_crop_box(200, 200, rng, (0.5, 1.0))
+        areas.append((right - left) * (bottom - top) / 200**2)
+    assert min(areas) >= 0.49 and max(areas) > 0.9
+    # the whole image: a light crop is the plain resize, up to the flip
+    image = Image.fromarray((np.random.default_rng(2).random((48, 48, 3)) * 255).astype(np.uint8))
+    whole = ImageTransform("none", 32)(image)
+    for seed in range(6):
+        crop = ImageTransform("light", 32, (1.0, 1.0))(image, seed=seed)
+        assert torch.equal(crop, whole) or torch.equal(crop, whole.flip(1))
+    cfg = load_config(TrainConfig, "configs/tiny.yaml", ["data=d", "output=o", "stream.crop_scale=[0.3,1.0]"])
+    assert cfg.stream.crop_scale == (0.3, 1.0)
+    for bad in ("[0.0,1.0]", "[0.8,0.5]", "[0.5,1.5]", "[0.5]"):
+        with pytest.raises(ConfigError, match="crop_scale"):
+            load_config(TrainConfig, "configs/tiny.yaml", ["data=d", "output=o", f"stream.crop_scale={bad}"])
+
+
+def test_the_run_seed_changes_the_data_order_as_well_as_the_init():
+    from system.config import load_config
+    from system.training import TrainConfig, stream_config
+
+    def stream_seed(*overrides: str) -> int:
+        cfg = load_config(TrainConfig, "configs/tiny.yaml", ["data=d", "output=o", *overrides])
+        return stream_config(cfg, 10).seed
+
+    assert stream_seed() == 0
+    assert stream_seed("seed=1") != stream_seed("seed=2")
+    assert stream_seed("seed=1", "stream.seed=5") == 6

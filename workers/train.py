@@ -46,6 +46,7 @@ from system.telemetry import Progress, setup_logging, start_metrics_server, trai
 from system.training import (
     MetricsConfig,
     TrainConfig,
+    cam_settings,
     in_seg_phase,
     micro_batch_losses,
     step_seed,
@@ -271,7 +272,7 @@ def export_weights(engine, cfg: TrainConfig, class_names: list[str], position: P
                 "dataset": cfg.data,
                 "steps": position.global_step,
                 "final_metrics": row,
-                "cam": {"layers": cfg.schedule.cam_layers, "p2p_refine": cfg.schedule.cam_p2p_refine},
+                "cam": cam_settings(cfg.schedule),
             },
             state_dict=weights,
         )

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from system import storage
 from system.config import option
 from system.data.shards import DatasetInfo, group_samples, read_dataset, read_tar, shard_uris
-from system.data.transforms import Augment, ImageTransform, decode_rgb, resize_mask
+from system.data.transforms import CROP_SCALE, Augment, ImageTransform, check_crop_scale, decode_rgb, resize_mask
 from system.masks import decode_mask
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,11 @@ class StreamConfig:
     augment: Augment = option(
         "paper", doc="paper (docs/method.md §b.1) | light (crop + flip) | none (resize, deterministic)"
     )
+    crop_scale: tuple[float, float] = option(
+        CROP_SCALE,
+        doc="area range of the random resized crop (paper and light); a crop that misses a tagged object still "
+        "carries its tag, so small images with few objects want a higher lower bound",
+    )
     num_workers: int = option(2, doc="DataLoader worker processes per rank (decode + augment)")
     shuffle_buffer: int = option(1000, doc="raw samples held for shuffling, per worker")
     seed: int = option(0, doc="base seed of shard order, shuffling and augmentation")
@@ -89,6 +94,9 @@ class StreamConfig:
     )
     epoch_batches: int = option(0, doc="batches per rank per epoch; 0: total samples // (world size x batch size)")
     retries: int = option(5, doc="attempts to read a shard when the connection breaks")
+
+    def __post_init__(self) -> None:
+        check_crop_scale(self.crop_scale)
 
 
 def epoch_batches(info: DatasetInfo, world_size: int, cfg: StreamConfig) -> int:
@@ -372,7 +380,7 @@ def train_loader(
             "without resampling (set resampled=true or write smaller shards)"
         )
     batches = epoch_batches(info, world_size, cfg)
-    transform = ImageTransform(cfg.augment, cfg.image_size)
+    transform = ImageTransform(cfg.augment, cfg.image_size, cfg.crop_scale)
     prefetch = 4
     # one slot per batch a worker may have in flight, plus the one being finished
     slots = (

@@ -109,14 +109,14 @@ _INV_STD_255 = 1 / (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
 _SHIFT = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255 * _INV_STD_255
 
 
-def _paper_transform(size: int):
+def _paper_transform(size: int, crop_scale: tuple[float, float]):
     from timm.data import create_transform
     from timm.data.auto_augment import RandAugment
 
     transform = create_transform(
         input_size=size,
         is_training=True,
-        scale=(0.08, 1.0),
+        scale=crop_scale,
         ratio=(3 / 4, 4 / 3),
         hflip=0.5,
         vflip=0.0,
@@ -175,12 +175,21 @@ def resized_crop_box(
     return left, top, left + w, top + h
 
 
+CROP_SCALE = (0.08, 1.0)  # the authors' RandomResizedCrop area range (timm's default)
+
+
+def check_crop_scale(crop_scale: tuple[float, ...]) -> None:
+    if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise ValueError(f"crop_scale must be two area fractions 0 < low <= high <= 1, got {list(crop_scale)}")
+
+
 class ImageTransform:
-    def __init__(self, kind: Augment, size: int):
+    def __init__(self, kind: Augment, size: int, crop_scale: tuple[float, float] = CROP_SCALE):
         if kind not in ("paper", "light", "none"):
             raise ValueError(f"augment must be paper, light or none, got {kind!r}")
-        self.kind, self.size = kind, size
-        self.pipeline = _paper_transform(size) if kind == "paper" else None
+        check_crop_scale(crop_scale)
+        self.kind, self.size, self.crop_scale = kind, size, tuple(crop_scale)
+        self.pipeline = _paper_transform(size, self.crop_scale) if kind == "paper" else None
 
     def __call__(self, image: Image.Image, seed: int | None = None):
         if self.kind == "paper":
@@ -189,7 +198,7 @@ class ImageTransform:
         if self.kind == "none":
             return resize_pixels(rgbx_pixels(image), self.size)
         rng = random.Random(seed)
-        crop = resize_pixels(rgbx_pixels(image.crop(resized_crop_box(*image.size, rng))), self.size)
+        crop = resize_pixels(rgbx_pixels(image.crop(resized_crop_box(*image.size, rng, self.crop_scale))), self.size)
         return crop.flip(1) if rng.random() < 0.5 else crop
 
     def item_layout(self) -> tuple[tuple[int, ...], torch.dtype]:
