@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import urllib.request
 
 import torch
@@ -54,8 +55,22 @@ def test_processes_sharing_a_node_take_the_next_free_port_of_the_declared_range(
     assert start_metrics_server_in_range(first, 1) is None, "a full range leaves the process unscraped, not failed"
 
 
+def _port_with_free_neighbour() -> int:
+    """A free port whose neighbour is free too (checked, then released: other tests' servers come and go)."""
+    for _ in range(100):
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            base = first.getsockname()[1]
+            try:
+                second.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+            return base
+    raise RuntimeError("no two neighbouring free ports on 127.0.0.1")
+
+
 def test_a_training_rank_serves_on_port_plus_its_local_rank_with_run_and_global_rank_labels():
-    base = start_metrics_server(0)  # a free port, then its neighbour: the one local rank 1 binds
+    base = start_metrics_server(_port_with_free_neighbour())  # local rank 0's port; local rank 1 binds the next
     telemetry = StepTelemetry(
         MetricsConfig(port=base), "voc-2", 9, 1, 10, 0, torch.device("cpu"), get_spec("authors").loss_terms
     )
