@@ -52,7 +52,7 @@ from pipelines.demo import (
     start_stack,
     train_step,
 )
-from system.config import load_config, parse_cli
+from system.config import ConfigError, load_config, parse_cli
 from system.data.shards import read_dataset
 from system.data.stream import eval_loader
 from system.label.config import LabelConfig
@@ -259,6 +259,15 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [VARIANTS[v] for v in args.variants.split(",")]
     base = parse_cli(DemoConfig, ["dir=.quality", *demo_args], prog="python -m benchmarks.quality")
+    if args.one_process:  # the distributed steps check their keys themselves; here a typo would surface mid-run
+        try:
+            for variant in variants:
+                load_config(TrainConfig, base.train_config, ["data=d", "output=o", *base.train, *variant.train])
+                load_config(
+                    LabelConfig, base.label_config, ["model=m", "data=d", "output=o", *base.label, *variant.label]
+                )
+        except ConfigError as exc:
+            parser.error(str(exc))
     workdir = Path(base.dir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     out = Path(args.json) if args.json else workdir / f"quality-{args.tag}.json"

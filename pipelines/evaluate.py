@@ -33,7 +33,7 @@ from system.config import option, parse_cli
 from system.data.convert import gt_upright
 from system.label.config import LabelConfig, MaskFormat
 from system.label.inputs import ClassMismatch, Unit, plan_inputs, unit_samples
-from system.label.outputs import JOB_FILE, PlannedUnit, finalize_outputs, list_mask_keys
+from system.label.outputs import PlannedUnit, finalize_outputs, list_mask_keys, read_job
 from system.masks import decode_mask, mask_codec
 from system.metrics import ConfusionMatrix
 from system.refine import IGNORE_INDEX
@@ -68,10 +68,7 @@ class EvaluateConfig:
 def evaluate_job(cfg: EvaluateConfig) -> dict:
     """A labelling job's masks against its input's GT, from the job's unit records."""
     root = cfg.job.rstrip("/")
-    try:
-        job = json.loads(storage.get_bytes(storage.join(root, JOB_FILE)))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"job={cfg.job}: no {JOB_FILE} (not a labelling job, or it has not finished)") from None
+    job = read_job(cfg.job)
     fields = {f.name for f in dataclasses.fields(LabelConfig)}
     label = LabelConfig(**{k: v for k, v in job["config"].items() if k in fields})
     mode = cfg.mode or label.modes[-1]

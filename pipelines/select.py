@@ -26,7 +26,7 @@ from typing import TypeVar
 from pipelines.entry import BadInput, run_main
 from system import storage
 from system.config import option, parse_cli
-from system.label.outputs import JOB_FILE
+from system.label.outputs import read_job
 from system.label.records import UNITS_DIR
 from system.masks import mask_codec
 from system.telemetry import setup_logging
@@ -102,9 +102,9 @@ def passes(row: dict, cfg: SelectConfig) -> bool:
 def select(cfg: SelectConfig) -> Selection:
     job_uri = cfg.job.rstrip("/")
     try:
-        job = json.loads(storage.get_bytes(storage.join(job_uri, JOB_FILE)))
-    except FileNotFoundError:
-        raise BadInput(f"job={cfg.job}: no {JOB_FILE} (not a labelling job, or it has not finished)") from None
+        job = read_job(cfg.job)
+    except FileNotFoundError as exc:
+        raise BadInput(str(exc)) from None
     mode, suffix = job["config"]["mode"], mask_codec(job["config"].get("mask_format", "png")).suffix
     if cfg.min_agreement and mode != "both":
         raise BadInput(f"min_agreement needs a mode=both job; {cfg.job} ran mode={mode}")

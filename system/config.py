@@ -135,7 +135,7 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

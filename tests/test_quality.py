@@ -39,3 +39,13 @@ def test_one_process_mode_trains_once_per_seed_and_labels_each_variant(tmp_path)
         "background",
         *json.loads((tmp_path / "one-process/heldout/dataset.json").read_text())["classes"],
     }
+
+
+def test_one_process_mode_refuses_a_misspelt_key_before_it_ingests(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        quality.main(["--one-process", f"dir={tmp_path}", 'train=["stream.crop_scal=[0.5,1.0]"]'])
+    assert exit_.value.code == 2
+    assert "stream.crop_scal" in capsys.readouterr().err
+    assert not (tmp_path / "one-process").exists()

@@ -46,6 +46,14 @@ PREVIEWS_DIR = "previews"
 JOB_FILE = "label_job.json"
 
 
+def read_job(job_uri: str) -> dict:
+    """A finished labelling job's record; FileNotFoundError naming ``job=`` when there is none."""
+    try:
+        return json.loads(storage.get_bytes(storage.join(job_uri.rstrip("/"), JOB_FILE)))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"job={job_uri}: no {JOB_FILE} (not a labelling job, or it has not finished)") from None
+
+
 def mask_stats(mask: np.ndarray, class_names: list[str]) -> dict:
     """Classes present and the fraction of pixels per value (background, class names, ignore)."""
     counts = np.bincount(mask.ravel(), minlength=256)
